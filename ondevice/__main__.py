@@ -1,0 +1,5 @@
+"""``python -m ondevice``."""
+
+from ondevice.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The seed scenario, step by step, with a table after each step.
+
+Load a checkpoint to the CPU -> diffusion model onto the GPU -> back -> VAE
+decode on the GPU -> CLIP encode on the GPU -> everything on the CPU.  The
+tables show, per component: device, bytes, free device memory, and the
+seconds the step took.  Used by ``python -m ondevice demo``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from ondevice import devices
+from ondevice.loader import Checkpoint, load_checkpoint
+from ondevice.placement import placement
+from ondevice.scope import on_gpu
+
+__all__ = ["Row", "Step", "run_scenario"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One component's placement after a step."""
+
+    component: str
+    device: str
+    bytes: int
+
+
+@dataclass
+class Step:
+    """What a step did, where everything was after it, and what it cost."""
+
+    name: str
+    seconds: float
+    free_device_memory: int
+    rows: list[Row] = field(default_factory=list)
+
+
+def _rows(ckpt: Checkpoint) -> list[Row]:
+    rows = []
+    for name in ("model", "clip", "vae"):
+        component = getattr(ckpt, name)
+        if component is None:
+            continue
+        where = placement(component)
+        label = "+".join(sorted(str(d) for d in where)) or "-"
+        rows.append(Row(name, label, sum(where.values())))
+    return rows
+
+
+def _format(step: Step, device: torch.device) -> str:
+    head = f"{'component':<10} {'device':<12} {'bytes':>14} {'free ' + str(device):>22} {'seconds':>9}"
+    lines = [f"== {step.name}", head, "-" * len(head)]
+    for row in step.rows:
+        lines.append(
+            f"{row.component:<10} {row.device:<12} {row.bytes:>14,} {step.free_device_memory:>22,} {step.seconds:>9.3f}"
+        )
+    return "\n".join(lines)
+
+
+class _Recorder:
+    def __init__(self, device: torch.device, out: TextIO | None) -> None:
+        self.device, self.out = device, out
+        self.steps: list[Step] = []
+        self.ckpt = Checkpoint(None, None, None, None)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        devices.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        devices.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        step = Step(name, seconds, devices.memory_info(self.device)[0], _rows(self.ckpt))
+        self.steps.append(step)
+        if self.out is not None:
+            print(_format(step, self.device), file=self.out, flush=True)
+
+
+def run_scenario(
+    checkpoint: str | Path,
+    device: devices.DeviceLike = None,
+    *,
+    out: TextIO | None = None,
+    inside: Callable[[str, Checkpoint], None] | None = None,
+) -> list[Step]:
+    """Walk the seed scenario on ``device``; return (and print to ``out``) one :class:`Step` per step.
+
+    ``inside(step_name, checkpoint)`` runs inside each GPU scope (tests use it to assert).
+    """
+    target = devices.resolve(device)
+    rec = _Recorder(target, out)
+    with rec.step("load checkpoint to the CPU"):
+        rec.ckpt = ckpt = load_checkpoint(checkpoint)
+    hook = inside or (lambda name, c: None)
+    with ExitStack() as held:
+        with rec.step("diffusion model on the GPU"):
+            held.enter_context(on_gpu(ckpt.model, device=target))
+            hook("model", ckpt)
+        with rec.step("diffusion model back on the CPU"):
+            held.close()
+    with rec.step("VAE decode on the GPU"), on_gpu(ckpt.vae, device=target), torch.inference_mode():
+        image = ckpt.vae.decode(torch.randn(1, 4, 16, 16))
+        assert torch.isfinite(image).all(), "VAE decode gave non-finite pixels"
+        hook("vae", ckpt)
+    with rec.step("CLIP encode on the GPU"), on_gpu(ckpt.clip, device=target), torch.inference_mode():
+        cond = ckpt.clip.encode_from_tokens(ckpt.clip.tokenize("a lighthouse at dawn"))
+        assert torch.isfinite(cond).all(), "CLIP encode gave non-finite conditioning"
+        hook("clip", ckpt)
+    with rec.step("everything on the CPU"):
+        pass
+    return rec.steps
+

@@ -1,0 +1,44 @@
+"""Boot real ComfyUI (notcomfy in CI, or the checkout named by COMFYUI_PATH) before any test runs.
+
+Shared fixtures: a mini SD1.5 checkpoint loaded CPU-first once per module, and a
+check after every test that no scope still holds anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ondevice
+import ondevice.comfyui
+from ondevice.residency import table
+
+mm = ondevice.comfyui.import_comfy()
+
+
+@pytest.fixture(scope="module")
+def sd15(sd15_checkpoint: Path) -> ondevice.Checkpoint:
+    """The mini SD1.5 checkpoint's components, loaded to the CPU (shared by a module's tests)."""
+    return ondevice.load_checkpoint(sd15_checkpoint)
+
+
+@pytest.fixture
+def fake_gpu_two() -> Iterator[object]:
+    """Two fake devices, fakegpu:0 and fakegpu:1."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    with fake_gpu(device_count=2) as handle:
+        yield handle
+
+
+@pytest.fixture(autouse=True)
+def _no_scope_leaks() -> Iterator[None]:
+    """Fail a test that leaves a scope holding something, and clean up after it."""
+    yield
+    leaked = table.held()
+    for holding in leaked:
+        table.release([holding] * holding.count)
+    mm.unload_all_models()
+    assert not leaked, f"scopes still hold {[h.part for h in leaked]}"

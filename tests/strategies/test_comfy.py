@@ -1,0 +1,233 @@
+"""Every ComfyUI strategy against real ComfyUI code on the fake GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import comfy.clip_vision
+import comfy.cldm.cldm
+import comfy.controlnet
+import comfy.model_management as mm
+import comfy.ops
+import comfy.sd
+import pytest
+import torch
+
+import ondevice
+from ondevice import on_gpu
+from ondevice.strategies.comfy import registered_entries
+from ondevice.testing import FakeGPU
+
+CPU = torch.device("cpu")
+
+
+def where(component: Any) -> set[torch.device]:
+    return set(ondevice.placement(component))
+
+
+def assert_list_healthy() -> None:
+    """ComfyUI's loaded list holds no unloaded entry (model_finalizer None, where that exists)."""
+    for entry in mm.current_loaded_models:
+        if hasattr(entry, "model_finalizer"):
+            assert entry.model_finalizer is not None
+
+
+def assert_released(component: Any, gpu: FakeGPU, baseline: int) -> None:
+    assert where(component) == {CPU}
+    for part in ondevice.strategies.parts_of(component):
+        assert not registered_entries(part.key)
+    assert_list_healthy()
+    assert gpu.memory_allocated() == baseline
+
+
+def unet_forward(model: Any, device: torch.device) -> torch.Tensor:
+    x = torch.randn(1, 4, 8, 8, device=device)
+    t = torch.tensor([10.0], device=device)
+    context = torch.randn(1, 77, 768, device=device)
+    with torch.inference_mode():
+        return model.model.apply_model(x, t, c_crossattn=context)
+
+
+def test_model_patcher(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """The diffusion model: on the device inside, a real UNet forward, back on the CPU after."""
+    base = fake_gpu.memory_allocated()
+    with on_gpu(sd15.model) as scope:
+        assert where(sd15.model) == {scope.device}
+        assert registered_entries(sd15.model.model)
+        assert fake_gpu.memory_allocated() - base == sd15.model.model_size()
+        out = unet_forward(sd15.model, scope.device)
+        assert out.device == scope.device and torch.isfinite(out.cpu()).all()
+        del out  # the only device tensor the test itself keeps
+    assert_released(sd15.model, fake_gpu, base)
+
+
+def test_vae(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """The VAE: moved through vae.patcher; a real decode inside; released after."""
+    base = fake_gpu.memory_allocated()
+    device_before = sd15.vae.device
+    with on_gpu(sd15.vae) as scope, torch.inference_mode():  # as ComfyUI runs nodes
+        assert where(sd15.vae) == {scope.device}
+        image = sd15.vae.decode(torch.randn(1, 4, 8, 8))
+        assert image.shape[-1] == 3 and torch.isfinite(image).all()
+    assert_released(sd15.vae, fake_gpu, base)
+    assert sd15.vae.device == device_before
+
+
+def test_clip(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """CLIP: moved through clip.patcher; a real encode inside; released after."""
+    base = fake_gpu.memory_allocated()
+    with on_gpu(sd15.clip) as scope, torch.inference_mode():
+        assert where(sd15.clip) == {scope.device}
+        cond, pooled = sd15.clip.encode_from_tokens(sd15.clip.tokenize("a photo of a cat"), return_pooled=True)
+        assert cond.shape[-1] == 768 and torch.isfinite(cond).all()
+        assert where(sd15.clip) == {scope.device}
+    assert_released(sd15.clip, fake_gpu, base)
+
+
+def test_all_three_at_once(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """One scope over model, CLIP and VAE holds all three; exit offloads all three."""
+    base = fake_gpu.memory_allocated()
+    with on_gpu(sd15.model, sd15.clip, sd15.vae) as scope:
+        for c in sd15[:3]:
+            assert where(c) == {scope.device}
+    for c in sd15[:3]:
+        assert_released(c, fake_gpu, base)
+
+
+def test_clone_nesting_shares_one_count(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """A clone shares its parent's weights: the inner scope neither reloads nor offloads them."""
+    clone = sd15.model.clone()
+    base = fake_gpu.memory_allocated()
+    with on_gpu(sd15.model):
+        moved = fake_gpu.bytes_to_device
+        with on_gpu(clone):
+            assert fake_gpu.bytes_to_device == moved
+            unet_forward(clone, fake_gpu.device)
+        assert where(sd15.model) == {fake_gpu.device}
+    assert_released(sd15.model, fake_gpu, base)
+
+
+def test_clone_registered_by_comfyui_is_unloaded_too(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """Entries that ComfyUI made for a clone inside the scope are unloaded and removed at exit."""
+    clone = sd15.model.clone()
+    base = fake_gpu.memory_allocated()
+    with on_gpu(sd15.model):
+        mm.load_models_gpu([clone])
+        assert registered_entries(sd15.model.model)
+    assert_released(clone, fake_gpu, base)
+
+
+def test_eviction_by_comfyui_is_repaired(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """If ComfyUI unloads a held model, the next inner scope's exit loads it back."""
+    with on_gpu(sd15.model):
+        mm.unload_all_models()
+        assert where(sd15.model) == {CPU}
+        with on_gpu(sd15.vae):
+            pass
+        assert where(sd15.model) == {fake_gpu.device}
+        unet_forward(sd15.model, fake_gpu.device)
+    assert where(sd15.model) == {CPU}
+
+
+def test_eviction_under_memory_pressure(sd15: ondevice.Checkpoint) -> None:
+    """An inner scope whose load makes ComfyUI evict the outer model: the outer is back after it."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    unet, vae = sd15.model.model_size(), sd15.vae.patcher.model_size()
+    headroom = mm.minimum_inference_memory() + vae // 2  # room for the model, not for the VAE too
+    with fake_gpu(memory=int(unet + headroom)):
+        with on_gpu(sd15.model):
+            evicted = []
+            with on_gpu(sd15.vae):
+                evicted.append(where(sd15.model) != {torch.device("fakegpu:0")})
+                assert where(sd15.vae) == {torch.device("fakegpu:0")}
+            assert evicted == [True]
+            assert where(sd15.model) == {torch.device("fakegpu:0")}
+        assert where(sd15.model) == where(sd15.vae) == {CPU}
+
+
+def test_offload_goes_to_cpu_under_highvram(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """Even when the patcher's offload_device is the GPU (--highvram / --gpu-only), exit lands on the CPU."""
+    patcher = sd15.model
+    saved = patcher.offload_device
+    patcher.offload_device = fake_gpu.device
+    try:
+        with on_gpu(patcher):
+            pass
+        assert where(patcher) == {CPU}
+        assert patcher.offload_device == fake_gpu.device
+    finally:
+        patcher.offload_device = saved
+
+
+def test_weights_moved_by_hand_are_recovered(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """offload() brings back weights that someone moved with .to() behind ComfyUI's back."""
+    sd15.vae.first_stage_model.to(fake_gpu.device)
+    ondevice.offload(sd15.vae)
+    assert where(sd15.vae) == {CPU}
+
+
+def test_vae_without_weights(fake_gpu: FakeGPU) -> None:
+    """A VAE built without weights raises MissingWeightsError (also a ValueError)."""
+    vae = comfy.sd.VAE(sd={"nothing.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no weights") as info, on_gpu(vae):
+        pass
+    assert isinstance(info.value, ondevice.MissingWeightsError)
+
+
+def _clip_vision(tmp_path: Path) -> Any:
+    config = {
+        "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
+        "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16,
+        "projection_dim": 32, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+    }
+    path = tmp_path / "clip_vision.json"
+    path.write_text(json.dumps(config))
+    cv = comfy.clip_vision.ClipVisionModel(str(path))
+    with torch.no_grad():
+        for p in cv.model.parameters():
+            p.normal_(0, 0.02)
+    return cv
+
+
+def test_clip_vision(fake_gpu: FakeGPU, tmp_path: Path) -> None:
+    """ClipVisionModel: moved through .patcher; a real encode_image inside; released after."""
+    cv = _clip_vision(tmp_path)
+    base = fake_gpu.memory_allocated()
+    with on_gpu(cv) as scope, torch.inference_mode():
+        assert where(cv) == {scope.device}
+        out = cv.encode_image(torch.rand(1, 32, 32, 3))
+        assert torch.isfinite(out["image_embeds"]).all()
+    assert_released(cv, fake_gpu, base)
+
+
+def _controlnet() -> Any:
+    model = comfy.cldm.cldm.ControlNet(
+        image_size=32, in_channels=4, model_channels=32, hint_channels=3, num_res_blocks=1,
+        channel_mult=(1,), attention_resolutions=[], num_heads=1, use_spatial_transformer=True,
+        transformer_depth=[1], transformer_depth_middle=1, context_dim=32, legacy=False, operations=comfy.ops.disable_weight_init,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return comfy.controlnet.ControlNet(model, load_device=CPU)
+
+
+def test_controlnet(fake_gpu: FakeGPU) -> None:
+    """ControlNet: moved through get_models(); a real control-model forward inside; released after."""
+    cn = _controlnet()
+    base = fake_gpu.memory_allocated()
+    with on_gpu(cn) as scope, torch.inference_mode():
+        assert where(cn) == {scope.device}
+        d = scope.device
+        outs = cn.control_model(
+            x=torch.randn(1, 4, 8, 8, device=d), hint=torch.randn(1, 3, 64, 64, device=d),
+            timesteps=torch.tensor([5.0], device=d), context=torch.randn(1, 4, 32, device=d),
+        )
+        tensors = [t for value in (outs.values() if isinstance(outs, dict) else [outs]) for t in value]
+        assert tensors and all(torch.isfinite(t.cpu()).all() for t in tensors)
+        del tensors
+        del outs
+    assert_released(cn, fake_gpu, base)

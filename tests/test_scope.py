@@ -1,0 +1,297 @@
+"""on_gpu / gpu_scoped semantics on plain torch modules and the fake GPU."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import ondevice
+from ondevice import gpu_scoped, on_gpu
+from ondevice.testing import FakeGPU
+
+CPU = torch.device("cpu")
+
+
+def where(component: Any) -> set[torch.device]:
+    return set(ondevice.placement(component))
+
+
+def net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def test_building_a_scope_moves_nothing(fake_gpu: FakeGPU) -> None:
+    """Creating on_gpu(...) does no work; only entering does."""
+    m = net()
+    scope = on_gpu(m)
+    assert where(m) == {CPU}
+    with scope as handle:
+        assert where(m) == {fake_gpu.device}
+        assert handle.device == fake_gpu.device
+        assert handle.components == (m,)
+    assert where(m) == {CPU}
+
+
+def test_forward_inside_scope_and_memory_back_to_baseline(fake_gpu: FakeGPU) -> None:
+    """A real forward runs on the fake GPU; after exit memory is at its baseline exactly."""
+    m = net()
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    base = fake_gpu.memory_allocated()
+    x = torch.randn(2, 16)
+    expected = m(x)
+    with on_gpu(m) as scope, torch.no_grad():
+        assert fake_gpu.memory_allocated() == base + size
+        got = m(x.to(scope.device)).cpu()
+    torch.testing.assert_close(got, expected)
+    assert where(m) == {CPU}
+    assert fake_gpu.memory_allocated() == base
+
+
+def test_user_exception_propagates_unchanged(fake_gpu: FakeGPU) -> None:
+    """The very exception object raised in the block propagates, and weights are back on the CPU."""
+    m = net()
+    error = ValueError("boom")
+    with pytest.raises(ValueError) as info, on_gpu(m):
+        raise error
+    assert info.value is error
+    assert where(m) == {CPU}
+
+
+def test_keyboard_interrupt_offloads(fake_gpu: FakeGPU) -> None:
+    """KeyboardInterrupt inside the block still offloads and propagates."""
+    m = net()
+    with pytest.raises(KeyboardInterrupt), on_gpu(m):
+        raise KeyboardInterrupt
+    assert where(m) == {CPU}
+
+
+def test_generator_close_offloads(fake_gpu: FakeGPU) -> None:
+    """A scope inside a generator is exited when the generator is closed."""
+    m = net()
+
+    def gen() -> Iterator[int]:
+        with on_gpu(m):
+            yield 1
+            yield 2
+
+    g = gen()
+    assert next(g) == 1
+    assert where(m) == {fake_gpu.device}
+    g.close()
+    assert where(m) == {CPU}
+
+
+def test_nesting_same_component_counts(fake_gpu: FakeGPU) -> None:
+    """An inner scope on a held component neither reloads nor offloads it."""
+    m = net()
+    with on_gpu(m):
+        moved = fake_gpu.bytes_to_device
+        with on_gpu(m):
+            assert where(m) == {fake_gpu.device}
+        assert fake_gpu.bytes_to_device == moved
+        assert where(m) == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_one_scope_object_reentered(fake_gpu: FakeGPU) -> None:
+    """The same on_gpu object can be entered twice, nested; the outer exit offloads."""
+    m = net()
+    scope = on_gpu(m)
+    with scope:
+        with scope:
+            pass
+        assert where(m) == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_decorator_form_of_on_gpu(fake_gpu: FakeGPU) -> None:
+    """on_gpu(...) used as a decorator scopes each call."""
+    m = net()
+
+    @on_gpu(m)
+    def run() -> set[torch.device]:
+        return where(m)
+
+    assert run() == {fake_gpu.device}
+    assert run() == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_bare_scopes_every_movable_argument(fake_gpu: FakeGPU) -> None:
+    """@gpu_scoped scopes each argument that has a strategy and ignores the rest."""
+    a, b = net(), net()
+
+    @gpu_scoped
+    def run(x: torch.nn.Module, n: int, *, y: torch.nn.Module) -> tuple[set[torch.device], set[torch.device]]:
+        return where(x), where(y)
+
+    assert run(a, 3, y=b) == ({fake_gpu.device}, {fake_gpu.device})
+    assert where(a) == where(b) == {CPU}
+
+
+def test_gpu_scoped_named_leaves_others(fake_gpu: FakeGPU) -> None:
+    """@gpu_scoped("vae") scopes only that parameter."""
+    a, b = net(), net()
+
+    @gpu_scoped("vae")
+    def run(unet: torch.nn.Module, vae: torch.nn.Module) -> tuple[set[torch.device], set[torch.device]]:
+        return where(unet), where(vae)
+
+    assert run(a, vae=b) == ({CPU}, {fake_gpu.device})
+
+
+def test_gpu_scoped_device_option(fake_gpu: FakeGPU) -> None:
+    """device= picks the target; 'cpu' keeps the block on the CPU."""
+    a = net()
+
+    @gpu_scoped("m", device="cpu")
+    def run(m: torch.nn.Module) -> set[torch.device]:
+        return where(m)
+
+    assert run(a) == {CPU}
+
+
+def test_gpu_scoped_varargs(fake_gpu: FakeGPU) -> None:
+    """A *args parameter named in gpu_scoped scopes each of its values."""
+    a, b = net(), net()
+
+    @gpu_scoped("models")
+    def run(*models: torch.nn.Module) -> list[set[torch.device]]:
+        return [where(m) for m in models]
+
+    assert run(a, b) == [{fake_gpu.device}, {fake_gpu.device}]
+
+
+def test_gpu_scoped_method(fake_gpu: FakeGPU) -> None:
+    """Methods work; the named parameter is scoped per call."""
+    m = net()
+
+    class Pipeline:
+        @gpu_scoped("model")
+        def run(self, model: torch.nn.Module) -> set[torch.device]:
+            return where(model)
+
+    assert Pipeline().run(m) == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_async(fake_gpu: FakeGPU) -> None:
+    """async def functions are scoped for the whole await."""
+    m = net()
+
+    @gpu_scoped("model")
+    async def run(model: torch.nn.Module) -> set[torch.device]:
+        await asyncio.sleep(0)
+        return where(model)
+
+    assert asyncio.run(run(m)) == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_generator_function(fake_gpu: FakeGPU) -> None:
+    """A decorated generator function holds the scope until it finishes or is closed."""
+    m = net()
+
+    @gpu_scoped("model")
+    def stream(model: torch.nn.Module) -> Iterator[set[torch.device]]:
+        yield where(model)
+        yield where(model)
+
+    g = stream(m)
+    assert next(g) == {fake_gpu.device}
+    g.close()
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_recursion_gets_fresh_scopes(fake_gpu: FakeGPU) -> None:
+    """Recursive calls nest; the outermost call's exit offloads."""
+    m = net()
+    seen: list[set[torch.device]] = []
+
+    @gpu_scoped("model")
+    def walk(model: torch.nn.Module, depth: int) -> None:
+        if depth:
+            walk(model, depth - 1)
+        seen.append(where(model))
+
+    walk(m, 3)
+    assert seen == [{fake_gpu.device}] * 4
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_exception_offloads(fake_gpu: FakeGPU) -> None:
+    """An exception in a decorated function propagates unchanged and offloads."""
+    m = net()
+    error = RuntimeError("inner")
+
+    @gpu_scoped
+    def run(model: torch.nn.Module) -> None:
+        raise error
+
+    with pytest.raises(RuntimeError) as info:
+        run(m)
+    assert info.value is error
+    assert where(m) == {CPU}
+
+
+def test_offload_forces_cpu_inside_a_scope(fake_gpu: FakeGPU) -> None:
+    """offload() moves a held component to the CPU at once, and the scope does not bring it back."""
+    m, other = net(), net()
+    with on_gpu(m):
+        ondevice.offload(m)
+        assert where(m) == {CPU}
+        with on_gpu(other):
+            pass
+        assert where(m) == {CPU}
+    assert where(m) == {CPU}
+
+
+def test_device_of(fake_gpu: FakeGPU) -> None:
+    """device_of reports where the weights are now."""
+    m = net()
+    assert ondevice.device_of(m) == CPU
+    with on_gpu(m):
+        assert ondevice.device_of(m) == fake_gpu.device
+    assert ondevice.device_of(m) == CPU
+
+
+def test_no_accelerator_runs_on_cpu_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Without any accelerator (nor a fake one), device=None runs on the CPU and warns once."""
+    import ondevice.devices as devices  # noqa: PLC0415
+
+    devices._warned_cpu = False  # noqa: SLF001  (reset the once-per-process flag for this test)
+    m = net()
+    with caplog.at_level("WARNING", logger="ondevice"):
+        with on_gpu(m) as scope:
+            assert scope.device == CPU
+        with on_gpu(m):
+            pass
+    assert sum("no accelerator" in r.message for r in caplog.records) == 1
+
+
+def test_register_strategy_expand(fake_gpu: FakeGPU) -> None:
+    """A user type registered with Expand moves its children through their strategies."""
+
+    class Pipeline:
+        def __init__(self) -> None:
+            self.unet, self.vae = net(), net()
+
+    ondevice.register_strategy(Pipeline, ondevice.Expand(lambda p: [p.unet, p.vae]))
+    pipe = Pipeline()
+    with on_gpu(pipe):
+        assert where(pipe.unet) == where(pipe.vae) == {fake_gpu.device}
+    assert where(pipe) == {CPU}
+
+
+def test_second_fake_device(fake_gpu_two: Any) -> None:
+    """device='fakegpu:1' targets the second fake device."""
+    m = net()
+    with on_gpu(m, device="fakegpu:1") as scope:
+        assert where(m) == {torch.device("fakegpu:1")}
+        assert scope.device == torch.device("fakegpu:1")
+    assert where(m) == {CPU}
+

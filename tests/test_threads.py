@@ -1,0 +1,106 @@
+"""Thread stress: scopes from many threads on the same and on different components."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import ondevice
+from ondevice import on_gpu
+from ondevice.strategies.module import ModulePart
+from ondevice.testing import FakeGPU
+
+CPU = torch.device("cpu")
+
+
+class Watched(torch.nn.Linear):
+    """A module whose part records every load and offload, to catch double loads."""
+
+
+class WatchedPart(ModulePart):
+    loaded: dict[int, bool] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def load(self, device: torch.device) -> None:
+        with self.lock:
+            if self.loaded.get(id(self.module)):
+                self.errors.append(f"double load of {id(self.module)}")
+            self.loaded[id(self.module)] = True
+        super().load(device)
+
+    def offload(self) -> None:
+        with self.lock:
+            if not self.loaded.get(id(self.module)):
+                self.errors.append(f"offload of {id(self.module)} that was not loaded")
+            self.loaded[id(self.module)] = False
+        super().offload()
+
+
+class WatchedStrategy:
+    def parts(self, component: Any) -> Sequence[WatchedPart]:
+        return [WatchedPart(component)]
+
+
+def _hammer(models: list[torch.nn.Module], device: torch.device, seed: int, failures: list[str]) -> None:
+    rng = random.Random(seed)
+    for _ in range(40):
+        pick = rng.sample(models, rng.randint(1, 2))
+        try:
+            with on_gpu(*pick):
+                for m in pick:
+                    if set(ondevice.placement(m)) != {device}:
+                        failures.append(f"{m} not on {device} inside its scope")
+                    m(torch.randn(1, m.in_features, device=device))
+        except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
+            failures.append(repr(exc))
+
+
+def test_threads_never_double_load_and_end_on_cpu(fake_gpu: FakeGPU) -> None:
+    """8 threads x 40 random scopes over 3 shared modules: no double load, no early offload, all on CPU at the end."""
+    ondevice.register_strategy(Watched, WatchedStrategy())
+    WatchedPart.errors.clear()
+    models: list[torch.nn.Module] = [Watched(32, 32) for _ in range(3)]
+    failures: list[str] = []
+    threads = [
+        threading.Thread(target=_hammer, args=(models, fake_gpu.device, seed, failures)) for seed in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert WatchedPart.errors == []
+    assert all(set(ondevice.placement(m)) == {CPU} for m in models)
+    assert fake_gpu.memory_allocated() == 0
+
+
+def test_threads_on_comfyui_components(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """4 threads scoping the real UNet and VAE concurrently leave both on the CPU and memory at baseline."""
+    base = fake_gpu.memory_allocated()
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(5):
+            pick = rng.choice([(sd15.model,), (sd15.vae,), (sd15.model, sd15.vae)])
+            try:
+                with on_gpu(*pick) as scope:
+                    for c in pick:
+                        if set(ondevice.placement(c)) != {scope.device}:
+                            failures.append(f"{type(c).__name__} not on the device inside its scope")
+            except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert set(ondevice.placement(sd15.model)) == set(ondevice.placement(sd15.vae)) == {CPU}
+    assert fake_gpu.memory_allocated() == base
