@@ -41,8 +41,10 @@ def main(path: str | None) -> None:
 
         with ondevice.on_gpu(ckpt.model):
             drop = baseline - free(device)
-            print(f"model on {ondevice.device_of(ckpt.model)}: free dropped by {drop:,} B "
-                  f"(model size {ckpt.model.model_size():,} B)")
+            print(
+                f"model on {ondevice.device_of(ckpt.model)}: free dropped by {drop:,} B "
+                f"(model size {ckpt.model.model_size():,} B)"
+            )
         print(f"model back on {ondevice.device_of(ckpt.model)}: free {free(device):,} B (baseline {baseline:,})")
 
         with ondevice.on_gpu(ckpt.vae), torch.inference_mode():  # ComfyUI runs nodes in inference mode
@@ -53,7 +55,7 @@ def main(path: str | None) -> None:
             cond = ckpt.clip.encode_from_tokens(ckpt.clip.tokenize("a lighthouse at dawn"))
             print(f"CLIP encode on {ondevice.device_of(ckpt.clip)}: conditioning {tuple(cond.shape)}")
 
-        where = {name: str(ondevice.device_of(c)) for name, c in zip(("model", "clip", "vae"), ckpt[:3])}
+        where = {name: str(ondevice.device_of(c)) for name, c in zip(("model", "clip", "vae"), ckpt[:3], strict=True)}
         print(f"all back: {where}, free {free(device):,} B")
 
 

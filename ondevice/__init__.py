@@ -10,6 +10,7 @@ from __future__ import annotations
 from ondevice.comfyui import ComfyUIInfo, comfyui_info, use_comfyui
 from ondevice.errors import (
     CheckpointError,
+    CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     ComfyUINotFoundError,
     InvalidArgumentError,
@@ -28,6 +29,7 @@ from ondevice.strategies import Expand, register_strategy
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "ComfyUIInfo",
     "ComfyUINotFoundError",

@@ -70,8 +70,12 @@ def _info() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ondevice`` command."""
+    from ondevice.errors import OnDeviceError  # noqa: PLC0415
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    return _info()
+    try:
+        return _demo(args) if args.command == "demo" else _info()
+    except OnDeviceError as exc:
+        print(f"ondevice: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,7 +1,8 @@
 """The seed scenario, step by step, with a table after each step.
 
 Load a checkpoint to the CPU -> diffusion model onto the GPU -> back -> VAE
-decode on the GPU -> CLIP encode on the GPU -> everything on the CPU.  The
+decode on the GPU -> back -> CLIP encode on the GPU -> back: everything on
+the CPU.  The
 tables show, per component: device, bytes, free device memory, and the
 seconds the step took.  Used by ``python -m ondevice demo``.
 """
@@ -18,6 +19,7 @@ from typing import TextIO
 import torch
 
 from ondevice import devices
+from ondevice.errors import OnDeviceError
 from ondevice.loader import Checkpoint, load_checkpoint
 from ondevice.placement import placement
 from ondevice.scope import on_gpu
@@ -85,6 +87,18 @@ class _Recorder:
             print(_format(step, self.device), file=self.out, flush=True)
 
 
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        msg = f"{what} gave non-finite values; the checkpoint's weights are broken"
+        raise OnDeviceError(msg)
+
+
+def _encode(clip: object) -> torch.Tensor:
+    tokens = clip.tokenize("a lighthouse at dawn")  # type: ignore[attr-defined]
+    cond: torch.Tensor = clip.encode_from_tokens(tokens)  # type: ignore[attr-defined]
+    return cond
+
+
 def run_scenario(
     checkpoint: str | Path,
     device: devices.DeviceLike = None,
@@ -101,21 +115,18 @@ def run_scenario(
     with rec.step("load checkpoint to the CPU"):
         rec.ckpt = ckpt = load_checkpoint(checkpoint)
     hook = inside or (lambda name, c: None)
-    with ExitStack() as held:
-        with rec.step("diffusion model on the GPU"):
-            held.enter_context(on_gpu(ckpt.model, device=target))
-            hook("model", ckpt)
-        with rec.step("diffusion model back on the CPU"):
-            held.close()
-    with rec.step("VAE decode on the GPU"), on_gpu(ckpt.vae, device=target), torch.inference_mode():
-        image = ckpt.vae.decode(torch.randn(1, 4, 16, 16))
-        assert torch.isfinite(image).all(), "VAE decode gave non-finite pixels"
-        hook("vae", ckpt)
-    with rec.step("CLIP encode on the GPU"), on_gpu(ckpt.clip, device=target), torch.inference_mode():
-        cond = ckpt.clip.encode_from_tokens(ckpt.clip.tokenize("a lighthouse at dawn"))
-        assert torch.isfinite(cond).all(), "CLIP encode gave non-finite conditioning"
-        hook("clip", ckpt)
-    with rec.step("everything on the CPU"):
-        pass
+    work: dict[str, tuple[str, str, Callable[[], None]]] = {
+        "model": ("diffusion model", "diffusion model", lambda: None),
+        "vae": ("VAE decode", "VAE", lambda: _check_finite(ckpt.vae.decode(torch.randn(1, 4, 16, 16)), "VAE decode")),
+        "clip": ("CLIP encode", "CLIP", lambda: _check_finite(_encode(ckpt.clip), "CLIP encode")),
+    }
+    for name, (label, component, run) in work.items():
+        with ExitStack() as held:
+            with rec.step(f"{label} on the GPU"):
+                held.enter_context(on_gpu(getattr(ckpt, name), device=target))
+                with torch.inference_mode():  # as ComfyUI runs its nodes
+                    run()
+                hook(name, ckpt)
+            with rec.step(f"{component} back on the CPU"):
+                held.close()
     return rec.steps
-

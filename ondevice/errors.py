@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "ComfyUINotFoundError",
     "FakeGPUActiveError",
@@ -56,6 +57,10 @@ class CheckpointError(OnDeviceError, ValueError):
 
 class CheckpointNotFoundError(OnDeviceError, FileNotFoundError):
     """A checkpoint path does not exist."""
+
+
+class CheckpointIsADirectoryError(CheckpointError, IsADirectoryError):
+    """A checkpoint path names a directory, not a file."""
 
 
 class UnknownModelError(CheckpointError):

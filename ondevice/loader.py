@@ -35,6 +35,7 @@ from ondevice.comfyui import import_comfy
 from ondevice.devices import CPU
 from ondevice.errors import (
     CheckpointError,
+    CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     InvalidArgumentError,
     MissingWeightsError,
@@ -70,7 +71,7 @@ def _check_file(path: str | os.PathLike[str], what: str) -> tuple[Path, _FileInf
         raise CheckpointNotFoundError(msg)
     if file.is_dir():
         msg = f"{what} {str(file)!r} is a directory; pass the path of a .safetensors (or .ckpt) file inside it"
-        raise CheckpointError(msg)
+        raise CheckpointIsADirectoryError(msg)
     size = file.stat().st_size
     if size == 0:
         msg = f"{what} {str(file)!r} is empty (0 bytes); the download or copy did not finish"
@@ -161,7 +162,7 @@ def _safe_state_dict(file: Path, info: _FileInfo, what: str) -> dict[str, torch.
         return safetensors.torch.load_file(str(file), device="cpu")
     try:
         data = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (torch.load raises pickle, zip, EOF and runtime errors alike)
         msg = f"{what} {str(file)!r} could not be read as a torch checkpoint ({exc}); is the file complete?"
         raise CheckpointError(msg) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -213,7 +214,8 @@ def load_checkpoint(
                 out = comfy.sd.load_checkpoint_guess_config(str(file), **kwargs)
             else:
                 sd = _safe_state_dict(file, info, "checkpoint")
-                out = comfy.sd.load_state_dict_guess_config(sd, **_supported(comfy.sd.load_state_dict_guess_config, **kwargs))
+                guess = comfy.sd.load_state_dict_guess_config
+                out = guess(sd, **_supported(guess, **kwargs))
         except RuntimeError as exc:
             if "detect model type" not in str(exc):
                 raise
@@ -275,7 +277,9 @@ def load_vae(path: str | os.PathLike[str]) -> Any:
     sd = _safe_state_dict(file, info, "VAE file")
     vae = comfy.sd.VAE(sd=sd)
     if getattr(vae, "patcher", None) is None:
-        msg = f"VAE file {str(file)!r} holds no VAE weights ComfyUI recognizes; key prefixes found: {_prefixes(list(sd))}"
+        msg = (
+            f"VAE file {str(file)!r} holds no VAE weights ComfyUI recognizes; key prefixes found: {_prefixes(list(sd))}"
+        )
         raise UnknownModelError(msg)
     _settle(vae)
     return vae

@@ -127,4 +127,3 @@ def test_errors_share_one_base() -> None:
         obj = getattr(ondevice, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, ondevice.OnDeviceError)
-

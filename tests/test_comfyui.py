@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ondevice
-import ondevice.comfyui as comfyui
+from ondevice import comfyui
 
 
 def run_python(code: str) -> str:

@@ -75,7 +75,7 @@ def test_single_component_loaders(fake_gpu: FakeGPU, sd15_checkpoint: Path, tmp_
     files = {}
     for name, prefix in parts.items():
         files[name] = tmp_path / f"{name}.safetensors"
-        safetensors.torch.save_file({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, files[name])
+        safetensors.torch.save_file({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, files[name])
     unet = ondevice.load_diffusion_model(files["unet"])
     vae = ondevice.load_vae(files["vae"])
     clip = ondevice.load_text_encoders(files["clip"])
@@ -105,8 +105,8 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_directory(tmp_path: Path) -> None:
-    """A directory is a CheckpointError (a ValueError) that says to pass a file inside it."""
-    with pytest.raises(ValueError, match="is a directory") as info:
+    """A directory is a CheckpointIsADirectoryError (also IsADirectoryError) saying to pass a file inside it."""
+    with pytest.raises(IsADirectoryError, match="is a directory") as info:
         ondevice.load_checkpoint(tmp_path)
     assert isinstance(info.value, ondevice.CheckpointError)
 

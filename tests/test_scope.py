@@ -261,7 +261,7 @@ def test_device_of(fake_gpu: FakeGPU) -> None:
 
 def test_no_accelerator_runs_on_cpu_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     """Without any accelerator (nor a fake one), device=None runs on the CPU and warns once."""
-    import ondevice.devices as devices  # noqa: PLC0415
+    from ondevice import devices  # noqa: PLC0415
 
     devices._warned_cpu = False  # noqa: SLF001  (reset the once-per-process flag for this test)
     m = net()
@@ -294,4 +294,3 @@ def test_second_fake_device(fake_gpu_two: Any) -> None:
         assert where(m) == {torch.device("fakegpu:1")}
         assert scope.device == torch.device("fakegpu:1")
     assert where(m) == {CPU}
-

@@ -62,6 +62,15 @@ def check_scenario(path: Path, device: torch.device, *, exact: bool) -> None:
     # after exit: back at the baseline
     assert steps[2].free_device_memory == baseline
     assert {"vae", "clip"} <= set(seen)
+    names = [s.name for s in steps]
+    assert names[3:] == [
+        "VAE decode on the GPU",
+        "VAE back on the CPU",
+        "CLIP encode on the GPU",
+        "CLIP back on the CPU",
+    ]
+    assert dict((r.component, r.device) for r in steps[3].rows)["vae"] == str(device)
+    assert dict((r.component, r.device) for r in steps[5].rows)["clip"] == str(device)
     assert [r.device for r in steps[-1].rows] == ["cpu"] * 3
     assert steps[-1].free_device_memory == baseline
     assert "diffusion model on the GPU" in out.getvalue()

@@ -66,9 +66,7 @@ def test_threads_never_double_load_and_end_on_cpu(fake_gpu: FakeGPU) -> None:
     WatchedPart.errors.clear()
     models: list[torch.nn.Module] = [Watched(32, 32) for _ in range(3)]
     failures: list[str] = []
-    threads = [
-        threading.Thread(target=_hammer, args=(models, fake_gpu.device, seed, failures)) for seed in range(8)
-    ]
+    threads = [threading.Thread(target=_hammer, args=(models, fake_gpu.device, seed, failures)) for seed in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -25,7 +25,6 @@ from typing import Any
 
 import comfy.model_management as mm
 import comfy.model_patcher as mp
-import comfy.sd
 import torch
 
 from ondevice.devices import CPU
@@ -230,6 +229,7 @@ class ControlNetStrategy:
 def _register() -> None:
     import comfy.clip_vision  # noqa: PLC0415
     import comfy.controlnet  # noqa: PLC0415
+    import comfy.sd  # noqa: PLC0415
 
     register_strategy(mp.ModelPatcher, PatcherStrategy())
     register_strategy(comfy.sd.VAE, VAEStrategy())

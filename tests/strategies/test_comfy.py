@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import comfy.clip_vision
 import comfy.cldm.cldm
+import comfy.clip_vision
 import comfy.controlnet
 import comfy.model_management as mm
 import comfy.ops
@@ -179,9 +179,17 @@ def test_vae_without_weights(fake_gpu: FakeGPU) -> None:
 
 def _clip_vision(tmp_path: Path) -> Any:
     config = {
-        "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
-        "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16,
-        "projection_dim": 32, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
+        "hidden_act": "quick_gelu",
+        "hidden_size": 64,
+        "image_size": 32,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_channels": 3,
+        "num_hidden_layers": 2,
+        "patch_size": 16,
+        "projection_dim": 32,
+        "layer_norm_eps": 1e-5,
+        "model_type": "clip_vision_model",
     }
     path = tmp_path / "clip_vision.json"
     path.write_text(json.dumps(config))
@@ -205,9 +213,20 @@ def test_clip_vision(fake_gpu: FakeGPU, tmp_path: Path) -> None:
 
 def _controlnet() -> Any:
     model = comfy.cldm.cldm.ControlNet(
-        image_size=32, in_channels=4, model_channels=32, hint_channels=3, num_res_blocks=1,
-        channel_mult=(1,), attention_resolutions=[], num_heads=1, use_spatial_transformer=True,
-        transformer_depth=[1], transformer_depth_middle=1, context_dim=32, legacy=False, operations=comfy.ops.disable_weight_init,
+        image_size=32,
+        in_channels=4,
+        model_channels=32,
+        hint_channels=3,
+        num_res_blocks=1,
+        channel_mult=(1,),
+        attention_resolutions=[],
+        num_heads=1,
+        use_spatial_transformer=True,
+        transformer_depth=[1],
+        transformer_depth_middle=1,
+        context_dim=32,
+        legacy=False,
+        operations=comfy.ops.disable_weight_init,
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -223,8 +242,10 @@ def test_controlnet(fake_gpu: FakeGPU) -> None:
         assert where(cn) == {scope.device}
         d = scope.device
         outs = cn.control_model(
-            x=torch.randn(1, 4, 8, 8, device=d), hint=torch.randn(1, 3, 64, 64, device=d),
-            timesteps=torch.tensor([5.0], device=d), context=torch.randn(1, 4, 32, device=d),
+            x=torch.randn(1, 4, 8, 8, device=d),
+            hint=torch.randn(1, 3, 64, 64, device=d),
+            timesteps=torch.tensor([5.0], device=d),
+            context=torch.randn(1, 4, 32, device=d),
         )
         tensors = [t for value in (outs.values() if isinstance(outs, dict) else [outs]) for t in value]
         assert tensors and all(torch.isfinite(t.cpu()).all() for t in tensors)

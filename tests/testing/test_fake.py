@@ -276,7 +276,7 @@ def test_comfy_multi_gpu_helper_patched_when_present(mm: types.ModuleType, monke
 
 
 def test_comfy_load_and_unload_move_real_weights(mm: types.ModuleType) -> None:
-    """load_models_gpu moves a ModelPatcher's weights to fakegpu:0 and charges exactly their bytes; unload gives them back."""
+    """load_models_gpu moves a patcher's weights to fakegpu:0, charging exactly their bytes; unload gives them back."""
     import comfy.model_patcher  # noqa: PLC0415
 
     module = mlp()
