@@ -12,8 +12,9 @@ on the CPU and none is in ComfyUI's list.
 Files are checked before ComfyUI reads them, so a missing, empty, truncated,
 or foreign file gets a clear error naming it.
 
-Thread semantics: loads are serialized by a process-wide lock (they briefly
-switch ComfyUI's module-level memory mode).
+Thread semantics: loads are serialized by a process-wide lock and hold the
+residency table's lock while they switch ComfyUI's module-level memory mode,
+so no scope and no guarded ComfyUI memory call runs meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ondevice.errors import (
     UnknownModelError,
 )
 from ondevice.placement import offload
+from ondevice.residency import table
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_diffusion_model", "load_text_encoders", "load_vae"]
 
@@ -127,7 +129,7 @@ def _cpu_first(mm: Any) -> Iterator[None]:
     ``DISABLE_SMART_MEMORY`` makes ``unet_inital_load_device`` return the CPU;
     HIGH_VRAM / SHARED are checked before it, so they are lowered to NORMAL_VRAM.
     """
-    with _lock:
+    with _lock, table.lock:  # ComfyUI's own memory management (guarded by the table's lock) waits meanwhile
         saved = mm.DISABLE_SMART_MEMORY, mm.vram_state
         mm.DISABLE_SMART_MEMORY = True
         if mm.vram_state in (mm.VRAMState.HIGH_VRAM, mm.VRAMState.SHARED):

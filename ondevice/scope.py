@@ -26,7 +26,7 @@ import torch
 
 from ondevice import devices
 from ondevice.errors import InvalidArgumentError, NoStrategyError
-from ondevice.residency import Holding, table
+from ondevice.residency import Claim, table
 from ondevice.strategies import Part, has_strategy, parts_of, strategy_for
 
 __all__ = ["ScopeHandle", "gpu_scoped", "on_gpu"]
@@ -46,6 +46,40 @@ class ScopeHandle:
     def ensure(self) -> None:
         """Load back anything that live scopes hold and that was evicted since (scopes' exits do this too)."""
         table.restore()
+
+
+class _Entry:
+    """One entry into a scope: acquires on ``__enter__``, releases what it acquired on ``__exit__``.
+
+    Its claims live on the object, not on a thread, so a decorated generator
+    may be finished or closed on another thread than the one that started it.
+    """
+
+    def __init__(self, components: tuple[Any, ...], device: devices.DeviceLike) -> None:
+        self._components = components
+        self._device = device
+        self._claims: list[Claim] | None = None
+
+    def __enter__(self) -> ScopeHandle:
+        device = devices.resolve(self._device)
+        parts = _collect_parts(self._components)  # every error is raised before anything moves
+        self._claims = table.acquire(parts, device)
+        return ScopeHandle(device=device, components=self._components)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        claims, self._claims = self._claims or [], None
+        try:
+            table.release(claims)
+        except BaseException as release_error:
+            if exc is None:
+                raise
+            _attach(exc, release_error)
+        return False
 
 
 class on_gpu:  # noqa: N801  (a context manager named like a function, as contextlib does)
@@ -69,11 +103,10 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         self._local = threading.local()
 
     def __enter__(self) -> ScopeHandle:
-        device = devices.resolve(self._device)
-        parts = _collect_parts(self._components)  # every error is raised before anything moves
-        holdings = table.acquire(parts, device)
-        self._stack().append(holdings)
-        return ScopeHandle(device=device, components=self._components)
+        entry = _Entry(self._components, self._device)
+        handle = entry.__enter__()
+        self._stack().append(entry)
+        return handle
 
     def __exit__(
         self,
@@ -81,20 +114,13 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        holdings = self._stack().pop()
-        try:
-            table.release(holdings)
-        except BaseException as release_error:
-            if exc is None:
-                raise
-            _attach(exc, release_error)
-        return False
+        return self._stack().pop().__exit__(exc_type, exc, tb)
 
     def __call__(self, func: F) -> F:
-        return _wrap(func, lambda args, kwargs: on_gpu(*self._components, device=self._device))
+        return _wrap(func, lambda args, kwargs: _Entry(self._components, self._device))
 
-    def _stack(self) -> list[list[Holding]]:
-        stack: list[list[Holding]] | None = getattr(self._local, "stack", None)
+    def _stack(self) -> list[_Entry]:
+        stack: list[_Entry] | None = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
         return stack
@@ -126,8 +152,17 @@ def _attach(user_error: BaseException, release_error: BaseException) -> None:
     _note(user_error, f"ondevice: offloading at scope exit also failed: {release_error!r}")
 
 
-def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], on_gpu]) -> F:
-    """Wrap ``func`` so each call runs inside a fresh scope (sync, async and generator functions)."""
+def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entry]) -> F:
+    """Wrap ``func`` so each call runs inside a fresh scope (sync, async, generator and async generator functions)."""
+    if inspect.isasyncgenfunction(func):
+
+        @functools.wraps(func)
+        async def run_async_generator(*args: Any, **kwargs: Any) -> Any:
+            with make_scope(args, kwargs):
+                async for item in func(*args, **kwargs):
+                    yield item
+
+        return run_async_generator  # type: ignore[return-value]
     if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
@@ -165,8 +200,8 @@ def gpu_scoped(*args: Any, device: devices.DeviceLike = None) -> Any:
     ``@gpu_scoped`` scopes every argument that has a strategy;
     ``@gpu_scoped("vae")`` or ``@gpu_scoped("model", "clip", device="cuda:1")``
     scopes the named parameters (a ``*args`` / ``**kwargs`` parameter scopes
-    each of its values).  Works on functions, methods, ``async def`` and
-    generator functions.  A name that is not a parameter raises at decoration.
+    each of its values).  Works on functions, methods, ``async def``,
+    generator and async generator functions.  A name that is not a parameter raises at decoration.
     """
     if len(args) == 1 and callable(args[0]) and not isinstance(args[0], str):
         return _decorate(args[0], (), device)
@@ -187,7 +222,7 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
         )
         raise InvalidArgumentError(msg)
 
-    def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> on_gpu:
+    def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         if names:
@@ -195,7 +230,7 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
         else:
             every = [c for name in bound.arguments for c in _values(signature, bound.arguments, name)]
             components = [c for c in every if has_strategy(c)]
-        return on_gpu(*components, device=device)
+        return _Entry(tuple(components), device)
 
     return _wrap(func, make_scope)
 

@@ -19,6 +19,7 @@ the first time a ComfyUI object is seen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from ondevice.devices import CPU
 from ondevice.errors import MissingWeightsError, OnDeviceError
+from ondevice.residency import table
 from ondevice.strategies import register_strategy
 from ondevice.strategies.module import all_on, module_tensors
 
@@ -42,7 +44,7 @@ def _is_dynamic(patcher: Any) -> bool:
     return bool(is_dynamic()) if callable(is_dynamic) else False
 
 
-def registered_entries(weights: torch.nn.Module) -> list[Any]:
+def registered_entries(weights: object) -> list[Any]:
     """The ``current_loaded_models`` entries whose patcher wraps ``weights`` (a copy, safe to mutate)."""
     out = []
     for entry in list(mm.current_loaded_models):
@@ -86,16 +88,18 @@ def _unload_entry(entry: Any) -> None:
 
 
 def _detach_to_cpu(patcher: Any) -> None:
-    """Move weights that ComfyUI does not track (moved by hand) back to the CPU."""
-    with _offload_device(patcher, CPU):
-        if hasattr(patcher, "detach"):
-            patcher.detach(unpatch_all=True)
-        else:
-            patcher.unpatch_model(CPU, unpatch_weights=True)
-            patcher.model_patches_to(CPU)
-    if not all_on(module_tensors(patcher.model), CPU):
-        patcher.model.to(CPU)
-        patcher.model.device = CPU
+    """Move weights that ComfyUI no longer tracks (moved by hand, or a failed unload) back to the CPU."""
+    try:
+        with _offload_device(patcher, CPU):
+            if hasattr(patcher, "detach"):
+                patcher.detach(unpatch_all=True)
+            else:
+                patcher.unpatch_model(CPU, unpatch_weights=True)
+                patcher.model_patches_to(CPU)
+    finally:
+        if not all_on(module_tensors(patcher.model), CPU):
+            patcher.model.to(CPU)
+            patcher.model.device = CPU
 
 
 class PatcherPart:
@@ -125,42 +129,54 @@ class PatcherPart:
         # a dynamic (comfy-aimdo) patcher faults weights in lazily: registered is as loaded as it gets
         return _is_dynamic(self.patcher) or all_on(self.tensors(), device)
 
+    def same_weights(self, other: object) -> bool:
+        """Whether ``other`` (a part over the same nn.Module) applies the same patches."""
+        patcher = getattr(other, "patcher", None)
+        if patcher is None or patcher is self.patcher:
+            return True
+        return bool(self.patcher.clone_has_same_weights(patcher))
+
     def load(self, device: torch.device) -> None:
-        self._point_at(device)
         try:
             if not self.is_on(device):
                 self._unload_all()  # a partial (lowvram) or stale load is not upgraded in place
             mm.load_models_gpu([self.patcher], force_full_load=not _is_dynamic(self.patcher))
             if not _is_dynamic(self.patcher) and not self.is_on(device):
-                msg = (
-                    f"ComfyUI did not fully load {type(self.patcher.model).__name__} onto {device}; "
-                    "free device memory or pass a smaller model"
-                )
-                raise OnDeviceError(msg)
+                raise OnDeviceError(self._not_loaded_message(device))
         except BaseException:
-            self.offload()
+            self._unload_all()
             raise
 
     def offload(self) -> None:
-        try:
-            self._unload_all()
-        finally:
-            self._restore()
+        self._unload_all()
+
+    def _not_loaded_message(self, device: torch.device) -> str:
+        name = type(self.patcher.model).__name__
+        if mm.vram_state == mm.VRAMState.NO_VRAM:
+            return (
+                f"ComfyUI runs with --novram (VRAMState.NO_VRAM), so it loads {name} layer by layer and never "
+                f"wholly onto {device}; start ComfyUI without --novram to hold components on the GPU"
+            )
+        return f"ComfyUI did not fully load {name} onto {device}; free device memory or pass a smaller model"
 
     def _unload_all(self) -> None:
-        for entry in registered_entries(self.patcher.model):
-            _unload_entry(entry)
-        if not all_on(self.tensors(), CPU):
-            _detach_to_cpu(self.patcher)
-        mm.soft_empty_cache()
+        try:
+            for entry in registered_entries(self.patcher.model):
+                _unload_entry(entry)
+        finally:
+            if not all_on(self.tensors(), CPU):
+                _detach_to_cpu(self.patcher)
+            mm.soft_empty_cache()
 
-    def _point_at(self, device: torch.device) -> None:
+    def point_at(self, device: torch.device) -> None:
+        """Point the patcher's ``load_device`` (and the retarget attributes) at ``device``; originals are kept."""
         if self._saved is None:
             self._saved = [(obj, name, getattr(obj, name)) for obj, name in self._retarget]
         for obj, name in self._retarget:
             setattr(obj, name, device)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back what :meth:`point_at` changed."""
         saved, self._saved = self._saved, None
         for obj, name, value in saved or ():
             setattr(obj, name, value)
@@ -226,6 +242,41 @@ class ControlNetStrategy:
         return [PatcherPart(p) for p in models]
 
 
+def _held_entries() -> list[Any]:
+    """ComfyUI's entries for every weight a live scope holds."""
+    return [entry for holding in table.held() if not holding.forced_off for entry in registered_entries(holding.key)]
+
+
+def _guard_comfyui() -> None:
+    """Make ComfyUI's own memory management respect live scopes, and serialize it with ondevice's moves.
+
+    ``free_memory`` (which ``load_models_gpu``, ``unload_all_models``, ``vae.decode``
+    ... call to make room) gets every held entry added to its ``keep_loaded``, so
+    ComfyUI never evicts what a scope holds; both functions take the residency
+    table's lock, because ComfyUI's loaded-model list has none.  This is the one
+    place ondevice wraps ComfyUI functions; ``keep_loaded`` is ComfyUI's own
+    mechanism, its callers just do not know what ondevice holds.
+    """
+    free_memory, load_models_gpu = mm.free_memory, mm.load_models_gpu
+    if getattr(free_memory, "__ondevice_guard__", False):
+        return
+
+    @functools.wraps(free_memory)
+    def guarded_free_memory(memory_required: Any, device: Any, keep_loaded: Any = (), *args: Any, **kwargs: Any) -> Any:
+        with table.lock:
+            keep = [*keep_loaded, *_held_entries()]
+            return free_memory(memory_required, device, keep, *args, **kwargs)
+
+    @functools.wraps(load_models_gpu)
+    def guarded_load_models_gpu(*args: Any, **kwargs: Any) -> Any:
+        with table.lock:
+            return load_models_gpu(*args, **kwargs)
+
+    for guard in (guarded_free_memory, guarded_load_models_gpu):
+        guard.__ondevice_guard__ = True  # type: ignore[attr-defined]
+    mm.free_memory, mm.load_models_gpu = guarded_free_memory, guarded_load_models_gpu
+
+
 def _register() -> None:
     import comfy.clip_vision  # noqa: PLC0415
     import comfy.controlnet  # noqa: PLC0415
@@ -236,6 +287,7 @@ def _register() -> None:
     register_strategy(comfy.sd.CLIP, CLIPStrategy())
     register_strategy(comfy.clip_vision.ClipVisionModel, ClipVisionStrategy())
     register_strategy(comfy.controlnet.ControlBase, ControlNetStrategy())
+    _guard_comfyui()
 
 
 _register()

@@ -119,33 +119,76 @@ def test_clone_registered_by_comfyui_is_unloaded_too(fake_gpu: FakeGPU, sd15: on
     assert_released(clone, fake_gpu, base)
 
 
-def test_eviction_by_comfyui_is_repaired(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
-    """If ComfyUI unloads a held model, the next inner scope's exit loads it back."""
+def evict_behind_ondevice(patcher: Any) -> None:
+    """Unload a model the way a custom node might: straight through ComfyUI's LoadedModel, no free_memory."""
+    for entry in registered_entries(patcher.model):
+        mm.current_loaded_models.remove(entry)
+        entry.model_unload()
+
+
+def test_comfyui_cannot_evict_a_held_model(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """unload_all_models() / free_memory() inside a scope leave the held model on the device."""
     with on_gpu(sd15.model):
         mm.unload_all_models()
+        mm.free_memory(1e30, fake_gpu.device)
+        assert where(sd15.model) == {fake_gpu.device}
+        assert registered_entries(sd15.model.model)
+    assert where(sd15.model) == {CPU}
+
+
+def test_eviction_behind_ondevice_is_repaired(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """If a held model is unloaded behind ondevice's back, the next inner scope's exit loads it back."""
+    with on_gpu(sd15.model) as scope:
+        evict_behind_ondevice(sd15.model)
         assert where(sd15.model) == {CPU}
         with on_gpu(sd15.vae):
             pass
         assert where(sd15.model) == {fake_gpu.device}
         unet_forward(sd15.model, fake_gpu.device)
+        evict_behind_ondevice(sd15.model)
+        scope.ensure()
+        assert where(sd15.model) == {fake_gpu.device}
     assert where(sd15.model) == {CPU}
 
 
-def test_eviction_under_memory_pressure(sd15: ondevice.Checkpoint) -> None:
-    """An inner scope whose load makes ComfyUI evict the outer model: the outer is back after it."""
+def _tight_gpu(sd15: ondevice.Checkpoint, spare: int) -> Any:
+    """A fake GPU with room for the UNet plus ``spare`` bytes."""
     from ondevice.testing import fake_gpu  # noqa: PLC0415
 
-    unet, vae = sd15.model.model_size(), sd15.vae.patcher.model_size()
-    headroom = mm.minimum_inference_memory() + vae // 2  # room for the model, not for the VAE too
-    with fake_gpu(memory=int(unet + headroom)):
-        with on_gpu(sd15.model):
-            evicted = []
-            with on_gpu(sd15.vae):
-                evicted.append(where(sd15.model) != {torch.device("fakegpu:0")})
-                assert where(sd15.vae) == {torch.device("fakegpu:0")}
-            assert evicted == [True]
-            assert where(sd15.model) == {torch.device("fakegpu:0")}
-        assert where(sd15.model) == where(sd15.vae) == {CPU}
+    return fake_gpu(memory=int(sd15.model.model_size() + spare))
+
+
+def test_comfyui_load_under_pressure_keeps_the_held_model(sd15: ondevice.Checkpoint) -> None:
+    """vae.decode inside on_gpu(model), where ComfyUI wants more headroom than there is: the model stays whole."""
+    vae = sd15.vae.patcher.model_size()
+    with _tight_gpu(sd15, mm.minimum_inference_memory() + vae // 2) as gpu, on_gpu(sd15.model):
+        with torch.inference_mode():
+            sd15.vae.decode(torch.randn(1, 4, 8, 8))  # ComfyUI loads the VAE itself, asking for headroom
+        assert where(sd15.model) == {gpu.device}
+        with on_gpu(sd15.vae):
+            assert where(sd15.model) == where(sd15.vae) == {gpu.device}
+        assert where(sd15.model) == {gpu.device}
+    assert where(sd15.model) == where(sd15.vae) == {CPU}
+
+
+def test_inner_scope_that_does_not_fit_raises_and_keeps_the_outer(sd15: ondevice.Checkpoint) -> None:
+    """An inner scope with no room beside the held model raises OOM; the VAE stays on the CPU, the model whole."""
+    with _tight_gpu(sd15, sd15.vae.patcher.model_size() // 2) as gpu, on_gpu(sd15.model):
+        with pytest.raises(torch.OutOfMemoryError), on_gpu(sd15.vae):
+            pass
+        assert where(sd15.vae) == {CPU}
+        assert where(sd15.model) == {gpu.device}
+        assert_list_healthy()
+    assert where(sd15.model) == {CPU}
+    assert gpu.memory_allocated() == 0
+
+
+def test_two_components_in_one_tight_scope(sd15: ondevice.Checkpoint) -> None:
+    """on_gpu(model, clip) on a GPU with room for both but not for ComfyUI's headroom: both wholly on it."""
+    clip = sd15.clip.patcher.model_size()
+    with _tight_gpu(sd15, clip + 2**20) as gpu, on_gpu(sd15.model, sd15.clip):
+        assert where(sd15.model) == where(sd15.clip) == {gpu.device}
+    assert where(sd15.model) == where(sd15.clip) == {CPU}
 
 
 def test_offload_goes_to_cpu_under_highvram(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
