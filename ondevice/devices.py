@@ -106,12 +106,20 @@ def default_gpu() -> torch.device:
     return CPU
 
 
-def _device_count(device_type: str) -> int | None:
+_NATIVE = ("cuda", "xpu", "mtia", "hpu", "npu", "mlu")
+
+
+def _device_count(device_type: str) -> int:
+    """Devices of this type present now (a backend counts only while registered)."""
     if device_type in _backends:
         return _backends[device_type].device_count()
+    if device_type == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    if device_type not in _NATIVE:
+        return 0
     module = getattr(torch, device_type, None)
     count = getattr(module, "device_count", None)
-    return int(count()) if callable(count) else None
+    return int(count()) if callable(count) else 0
 
 
 def resolve(device: DeviceLike) -> torch.device:
@@ -139,6 +147,9 @@ def resolve(device: DeviceLike) -> torch.device:
         msg = f"device={device!r} is not a device name ({exc}); use a name like 'cuda', 'cuda:1' or 'cpu'"
         raise InvalidDeviceError(msg) from None
     if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            msg = f"device={str(device)!r}: the CPU is one device; use 'cpu'"
+            raise InvalidDeviceError(msg)
         return CPU
     count = _device_count(dev.type)
     if not count:

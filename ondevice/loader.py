@@ -107,6 +107,8 @@ def _safetensors_keys(file: Path, handle: Any, head: bytes, size: int, what: str
     if not isinstance(header, dict):
         raise CheckpointError(not_ckpt)
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not all(_is_tensor_entry(v) for v in tensors.values()):
+        raise CheckpointError(not_ckpt)
     end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
     if 8 + header_len + end > size:
         msg = (
@@ -115,6 +117,22 @@ def _safetensors_keys(file: Path, handle: Any, head: bytes, size: int, what: str
         )
         raise CheckpointError(msg)
     return list(tensors)
+
+
+def _is_tensor_entry(entry: object) -> bool:
+    """A safetensors header entry: ``{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}``."""
+    if not isinstance(entry, dict):
+        return False
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    return (
+        isinstance(entry.get("dtype"), str)
+        and isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) for n in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
 
 
 def _prefixes(keys: list[str]) -> str:

@@ -127,3 +127,20 @@ def test_errors_share_one_base() -> None:
         obj = getattr(ondevice, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, ondevice.OnDeviceError)
+
+
+@pytest.mark.parametrize("device", ["cpu:3", 7])
+def test_cpu_has_one_device(device: Any) -> None:
+    """Without an accelerator, an index past the CPU's single device is an InvalidDeviceError."""
+    with pytest.raises(ondevice.InvalidDeviceError, match="cpu|CPU"), on_gpu(net(), device=device):
+        pass
+
+
+def test_fake_device_gone_after_stop() -> None:
+    """After the fake GPU stops, 'fakegpu:0' names no device any more."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    with fake_gpu():
+        pass
+    with pytest.raises(ondevice.InvalidDeviceError, match="no fakegpu device"), on_gpu(net(), device="fakegpu:0"):
+        pass

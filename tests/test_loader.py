@@ -186,3 +186,21 @@ def test_header_too_large_is_not_a_checkpoint(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     with pytest.raises(ondevice.CheckpointError, match="not a checkpoint"):
         ondevice.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"w": {"dtype": "F32", "shape": [1]}},
+        {"w": 5},
+        {"__metadata__": {}, "w": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}},
+        {"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}},
+    ],
+)
+def test_json_header_that_is_not_safetensors(tmp_path: Path, header: dict[str, Any]) -> None:
+    """A well-formed length and JSON header that is not a safetensors header is 'not a checkpoint'."""
+    path = tmp_path / "odd.safetensors"
+    data = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data + b"\0" * 16)
+    with pytest.raises(ondevice.CheckpointError, match="not a checkpoint"):
+        ondevice.load_checkpoint(path)

@@ -294,3 +294,59 @@ def test_second_fake_device(fake_gpu_two: Any) -> None:
         assert where(m) == {torch.device("fakegpu:1")}
         assert scope.device == torch.device("fakegpu:1")
     assert where(m) == {CPU}
+
+
+def test_claim_after_forced_offload_loads_again(fake_gpu: FakeGPU) -> None:
+    """After offload() inside a scope, a new inner scope on the component puts it on the device again."""
+    m = net()
+    with on_gpu(m):
+        ondevice.offload(m)
+        with on_gpu(m):
+            assert where(m) == {fake_gpu.device}
+        assert where(m) == {fake_gpu.device}
+    assert where(m) == {CPU}
+
+
+def test_generator_finished_on_another_thread(fake_gpu: FakeGPU) -> None:
+    """A decorated generator started on one thread and closed on another still releases its scope."""
+    import threading  # noqa: PLC0415
+
+    m = net()
+
+    @gpu_scoped("model")
+    def stream(model: torch.nn.Module) -> Iterator[set[torch.device]]:
+        yield where(model)
+        yield where(model)
+
+    g = stream(m)
+    assert next(g) == {fake_gpu.device}
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            g.close()
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            errors.append(exc)
+
+    t = threading.Thread(target=close)
+    t.start()
+    t.join()
+    assert errors == []
+    assert where(m) == {CPU}
+
+
+def test_gpu_scoped_async_generator(fake_gpu: FakeGPU) -> None:
+    """An async generator function holds its scope while it yields, and releases it when done."""
+    m = net()
+
+    @gpu_scoped("model")
+    async def stream(model: torch.nn.Module) -> Any:
+        for _ in range(2):
+            await asyncio.sleep(0)
+            yield where(model)
+
+    async def consume() -> list[set[torch.device]]:
+        return [item async for item in stream(m)]
+
+    assert asyncio.run(consume()) == [{fake_gpu.device}] * 2
+    assert where(m) == {CPU}

@@ -53,12 +53,13 @@ def check_scenario(path: Path, device: torch.device, *, exact: bool) -> None:
     assert [r.device for r in loaded.rows] == ["cpu"] * 3
     assert not mm.current_loaded_models
     assert loaded.free_device_memory == baseline
-    # inside on_gpu(model): lower by at least the model's size and by at most 10 % more (exactly on the fake GPU)
+    # inside on_gpu(model): lower by at least the model's size (every parameter and buffer) and by at most
+    # 10 % more (exactly its size on the fake GPU)
     drop = baseline - seen["model"]
     if exact:
         assert drop == model_bytes
     else:
-        assert model_size <= drop <= 1.1 * model_bytes
+        assert model_bytes <= drop <= 1.1 * model_bytes
     # after exit: back at the baseline
     assert steps[2].free_device_memory == baseline
     assert {"vae", "clip"} <= set(seen)

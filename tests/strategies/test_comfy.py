@@ -295,3 +295,87 @@ def test_controlnet(fake_gpu: FakeGPU) -> None:
         del tensors
         del outs
     assert_released(cn, fake_gpu, base)
+
+
+def _lora(model: Any) -> Any:
+    """A clone with a 'diff' weight patch on the UNet's last conv (what a LoRA node makes)."""
+    clone = model.clone()
+    key = next(k for k in model.model_state_dict() if k.endswith("out.2.weight"))
+    clone.add_patches({key: (torch.ones_like(model.model_state_dict()[key]),)}, 1.0)
+    return clone
+
+
+def _unet_out(patcher: Any, device: torch.device) -> torch.Tensor:
+    torch.manual_seed(0)
+    return unet_forward(patcher, device).cpu()
+
+
+def test_clone_with_other_patches_swaps_in_and_back(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """on_gpu(lora_clone) inside on_gpu(base) runs with the LoRA; after it, the base weights are back."""
+    lora = _lora(sd15.model)
+    d = fake_gpu.device
+    with on_gpu(lora):
+        with_lora = _unet_out(lora, d)
+    with on_gpu(sd15.model):
+        plain = _unet_out(sd15.model, d)
+        with on_gpu(lora):
+            assert torch.allclose(_unet_out(lora, d), with_lora)
+        assert torch.allclose(_unet_out(sd15.model, d), plain)
+    assert not torch.allclose(plain, with_lora)
+    assert_released(sd15.model, fake_gpu, 0)
+
+
+def test_second_device_retargets_every_claim(fake_gpu_two: Any, sd15: ondevice.Checkpoint) -> None:
+    """on_gpu(vae.patcher, vae, device='fakegpu:1'): the decode runs there; vae.device is restored after."""
+    before = (sd15.vae.device, sd15.vae.patcher.load_device)
+    dev1 = torch.device("fakegpu:1")
+    with on_gpu(sd15.vae.patcher, sd15.vae, device=dev1), torch.inference_mode():
+        assert where(sd15.vae) == {dev1}
+        with on_gpu(sd15.vae, device=dev1):
+            image = sd15.vae.decode(torch.randn(1, 4, 8, 8))
+        assert torch.isfinite(image).all()
+        assert sd15.vae.device == dev1
+    assert (sd15.vae.device, sd15.vae.patcher.load_device) == before
+    assert where(sd15.vae) == {CPU}
+
+
+def test_failed_unload_still_ends_on_cpu(
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If ComfyUI's unload raises at scope exit, the error surfaces and the weights still end on the CPU."""
+    original = mm.LoadedModel.model_unload
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(mm.LoadedModel, "model_unload", original)
+        msg = "unload failed"
+        raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="unload failed"), on_gpu(sd15.vae):
+        monkeypatch.setattr(mm.LoadedModel, "model_unload", broken)
+    assert_released(sd15.vae, fake_gpu, 0)
+
+
+def test_comfyui_memory_calls_wait_for_ondevice_moves(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """ComfyUI's free_memory in another thread waits while ondevice holds the table's lock (no list races)."""
+    import threading  # noqa: PLC0415
+
+    from ondevice.residency import table  # noqa: PLC0415
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (mm.free_memory(1e30, fake_gpu.device), done.set()))
+    with table.locked():
+        worker.start()
+        assert not done.wait(0.3)  # blocked behind the lock
+    worker.join(10)
+    assert done.is_set()
+
+
+def test_novram_is_named_in_the_error(sd15: ondevice.Checkpoint) -> None:
+    """Under ComfyUI's --novram a full load is impossible; the error says so and nothing stays on the device."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    with fake_gpu(vram_state="NO_VRAM") as gpu:
+        with pytest.raises(ondevice.OnDeviceError, match="--novram"), on_gpu(sd15.model):
+            pass
+        assert where(sd15.model) == {CPU}
+        assert gpu.memory_allocated() == 0
