@@ -113,7 +113,10 @@ class ResidencyTable:
                 self._restore()
                 self._verify(claims)
             except BaseException:
-                self._release_all(reversed(claims))
+                try:
+                    self._release_all(reversed(claims))
+                finally:
+                    self._restore_quietly()  # a failed load may have evicted what outer scopes hold
                 raise
         return claims
 

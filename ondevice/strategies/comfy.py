@@ -106,9 +106,9 @@ class PatcherPart:
     """A ``ModelPatcher``'s weights, moved by ComfyUI.
 
     ``retarget`` lists ``(object, attribute)`` pairs that must name the scope's
-    device while the weights are loaded (``vae.device``, a ClipVision's
-    ``load_device``); they, and the patcher's ``load_device``, are restored on
-    offload.
+    device while the weights are held (``vae.device``, a ClipVision's
+    ``load_device``); :meth:`point_at` sets them and the patcher's
+    ``load_device``, :meth:`restore` puts the originals back.
     """
 
     def __init__(self, patcher: Any, retarget: Sequence[tuple[object, str]] = ()) -> None:
