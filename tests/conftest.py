@@ -24,6 +24,14 @@ def sd15(sd15_checkpoint: Path) -> ondevice.Checkpoint:
     return ondevice.load_checkpoint(sd15_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def sdxl_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A light checkpoint that ComfyUI detects as SDXL (its text encoders are full size: 1.6 GB)."""
+    from ondevice.testing.synthetic import synthetic_checkpoint  # noqa: PLC0415
+
+    return synthetic_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl-mini.safetensors", family="sdxl", size="mini")
+
+
 @pytest.fixture
 def fake_gpu_two() -> Iterator[object]:
     """Two fake devices, fakegpu:0 and fakegpu:1."""

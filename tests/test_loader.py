@@ -47,11 +47,13 @@ def test_load_checkpoint_beats_straight_to_gpu(sd15_checkpoint: Path) -> None:
 
 
 def test_load_checkpoint_under_highvram(fake_gpu: FakeGPU, sd15_checkpoint: Path) -> None:
-    """Under HIGH_VRAM (--highvram) the load is CPU-first too, and ComfyUI's state is restored after."""
+    """Under HIGH_VRAM (--highvram) nothing goes to the device while loading, and ComfyUI's state is restored."""
     saved = mm.vram_state
     mm.vram_state = mm.VRAMState.HIGH_VRAM
     try:
+        assert mm.unet_inital_load_device(10**6, torch.float16) == fake_gpu.device  # ComfyUI would load to the GPU
         ckpt = ondevice.load_checkpoint(sd15_checkpoint)
+        assert fake_gpu.bytes_to_device == 0
         assert mm.vram_state == mm.VRAMState.HIGH_VRAM
     finally:
         mm.vram_state = saved
@@ -59,6 +61,16 @@ def test_load_checkpoint_under_highvram(fake_gpu: FakeGPU, sd15_checkpoint: Path
     with ondevice.on_gpu(ckpt.model):
         pass
     assert_cpu_and_unregistered(ckpt.model)
+
+
+def test_large_text_encoders_start_on_the_cpu(sdxl_mini: Path) -> None:
+    """SDXL's 1.6 GB text encoders, which ComfyUI would build on a roomy GPU, are built on the CPU."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    with fake_gpu(memory="4096GiB") as gpu:
+        ckpt = ondevice.load_checkpoint(sdxl_mini, vae=False)
+        assert gpu.bytes_to_device == 0
+        assert_cpu_and_unregistered(ckpt.model, ckpt.clip)
 
 
 def test_without_vae_and_clip(sd15_checkpoint: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import ondevice
 from ondevice import gpu_scoped, on_gpu
+from ondevice.strategies.module import ModulePart
 from ondevice.testing import FakeGPU
 
 CPU = torch.device("cpu")
@@ -307,13 +309,15 @@ def test_claim_after_forced_offload_loads_again(fake_gpu: FakeGPU) -> None:
     assert where(m) == {CPU}
 
 
-def test_generator_finished_on_another_thread(fake_gpu: FakeGPU) -> None:
+@pytest.mark.parametrize("form", ["gpu_scoped", "on_gpu"])
+def test_generator_finished_on_another_thread(fake_gpu: FakeGPU, form: str) -> None:
     """A decorated generator started on one thread and closed on another still releases its scope."""
     import threading  # noqa: PLC0415
 
     m = net()
+    decorate = gpu_scoped("model") if form == "gpu_scoped" else on_gpu(m)
 
-    @gpu_scoped("model")
+    @decorate
     def stream(model: torch.nn.Module) -> Iterator[set[torch.device]]:
         yield where(model)
         yield where(model)
@@ -350,3 +354,26 @@ def test_gpu_scoped_async_generator(fake_gpu: FakeGPU) -> None:
 
     assert asyncio.run(consume()) == [{fake_gpu.device}] * 2
     assert where(m) == {CPU}
+
+
+class Sticky(torch.nn.Module):
+    """A module whose (broken) strategy leaves one tensor behind on the CPU when it loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+
+class StickyPart(ModulePart):
+    def load(self, device: torch.device) -> None:
+        self.module.a.to(device)  # forgets self.module.b
+
+
+def test_acquire_verifies_every_part_is_on_the_device(fake_gpu: FakeGPU) -> None:
+    """A part that does not end wholly on the device fails the entry, and nothing stays held or moved."""
+    ondevice.register_strategy(Sticky, SimpleNamespace(parts=lambda c: [StickyPart(c)]))
+    m, other = Sticky(), net()
+    with pytest.raises(ondevice.OnDeviceError, match="could not be kept wholly"), on_gpu(other, m):
+        pass
+    assert where(m) == where(other) == {CPU}
+    assert fake_gpu.memory_allocated() == 0

@@ -17,16 +17,9 @@ import ondevice
 from ondevice.demo import run_scenario
 from ondevice.devices import memory_info
 from ondevice.testing import fake_gpu
-from ondevice.testing.synthetic import synthetic_checkpoint
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sdxl_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A light checkpoint that ComfyUI detects as SDXL."""
-    return synthetic_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl-mini.safetensors", family="sdxl", size="mini")
 
 
 def on_only(component: Any, device: torch.device) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 import ondevice
 from ondevice import on_gpu
+from ondevice.strategies import comfy as comfy_strategies
 from ondevice.strategies.comfy import registered_entries
 from ondevice.testing import FakeGPU
 
@@ -191,8 +192,15 @@ def test_two_components_in_one_tight_scope(sd15: ondevice.Checkpoint) -> None:
     assert where(sd15.model) == where(sd15.clip) == {CPU}
 
 
-def test_offload_goes_to_cpu_under_highvram(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
-    """Even when the patcher's offload_device is the GPU (--highvram / --gpu-only), exit lands on the CPU."""
+def test_offload_goes_to_cpu_under_highvram(
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With offload_device on the GPU (--highvram / --gpu-only), ComfyUI's own unload lands on the CPU."""
+
+    def no_fallback(patcher: Any) -> None:
+        raise AssertionError("ComfyUI's own unload should have moved the weights to the CPU")
+
+    monkeypatch.setattr(comfy_strategies, "_detach_to_cpu", no_fallback)
     patcher = sd15.model
     saved = patcher.offload_device
     patcher.offload_device = fake_gpu.device
@@ -275,6 +283,16 @@ def _controlnet() -> Any:
         for p in model.parameters():
             p.normal_(0, 0.02)
     return comfy.controlnet.ControlNet(model, load_device=CPU)
+
+
+def test_controlnet_chain(fake_gpu: FakeGPU) -> None:
+    """A ControlNet with a previous one in its chain moves both (get_models())."""
+    first, second = _controlnet(), _controlnet()
+    second.set_previous_controlnet(first)
+    with on_gpu(second) as scope:
+        assert where(first) == where(second) == {scope.device}
+    assert_released(second, fake_gpu, 0)
+    assert where(first) == {CPU}
 
 
 def test_controlnet(fake_gpu: FakeGPU) -> None:
