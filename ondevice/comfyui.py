@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,24 @@ log = logging.getLogger("ondevice")
 _lock = threading.RLock()
 _user_path: Path | None = None
 _info: ComfyUIInfo | None = None
+_import_hooks: list[Callable[[types.ModuleType], None]] = []
+
+
+def add_import_hook(hook: Callable[[types.ModuleType], None]) -> Callable[[], None]:
+    """Call ``hook(comfy.model_management)`` right after :func:`import_comfy` first imports ComfyUI.
+
+    Returns a function that removes the hook.  (The fake GPU uses this to point
+    a ComfyUI imported while it is active at itself.)
+    """
+    with _lock:
+        _import_hooks.append(hook)
+
+    def remove() -> None:
+        with _lock:
+            if hook in _import_hooks:
+                _import_hooks.remove(hook)
+
+    return remove
 
 
 def use_comfyui(path: str | os.PathLike[str]) -> None:
@@ -152,6 +171,8 @@ def import_comfy() -> types.ModuleType:
         except ImportError as exc:
             msg = f"ComfyUI was found but failed to import ({exc}); install its requirements"
             raise ComfyUINotFoundError(msg) from exc
+        for hook in list(_import_hooks):
+            hook(mm)
         return mm
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import ondevice
 import ondevice.comfyui
-from ondevice.residency import table
+from ondevice.residency import Claim, table
 
 mm = ondevice.comfyui.import_comfy()
 
@@ -46,7 +46,7 @@ def _no_scope_leaks() -> Iterator[None]:
     """Fail a test that leaves a scope holding something, and clean up after it."""
     yield
     leaked = table.held()
-    for holding in leaked:
-        table.release([holding] * holding.count)
+    table.release([Claim(holding, part) for holding in leaked for part in list(holding.claims)])
     mm.unload_all_models()
     assert not leaked, f"scopes still hold {[h.part for h in leaked]}"
+    assert not table.held()

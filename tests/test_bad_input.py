@@ -129,6 +129,7 @@ def test_errors_share_one_base() -> None:
             assert issubclass(obj, ondevice.OnDeviceError)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has an accelerator")
 @pytest.mark.parametrize("device", ["cpu:3", 7])
 def test_cpu_has_one_device(device: Any) -> None:
     """Without an accelerator, an index past the CPU's single device is an InvalidDeviceError."""

@@ -80,8 +80,9 @@ def test_without_vae_and_clip(sd15_checkpoint: Path) -> None:
     assert_cpu_and_unregistered(ckpt.model)
 
 
-def test_single_component_loaders(fake_gpu: FakeGPU, sd15_checkpoint: Path, tmp_path: Path) -> None:
-    """load_diffusion_model / load_vae / load_text_encoders: CPU-first, unregistered, usable in scopes."""
+def test_single_component_loaders(roomy_gpu: FakeGPU, sd15_checkpoint: Path, tmp_path: Path) -> None:
+    """load_diffusion_model / load_vae / load_text_encoders: CPU-first on a roomy GPU, unregistered, usable."""
+    fake_gpu = roomy_gpu
     sd = safetensors.torch.load_file(str(sd15_checkpoint))
     parts = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "clip": "cond_stage_model."}
     files = {}
@@ -91,12 +92,22 @@ def test_single_component_loaders(fake_gpu: FakeGPU, sd15_checkpoint: Path, tmp_
     unet = ondevice.load_diffusion_model(files["unet"])
     vae = ondevice.load_vae(files["vae"])
     clip = ondevice.load_text_encoders(files["clip"])
+    assert fake_gpu.bytes_to_device == 0
     assert_cpu_and_unregistered(unet, vae, clip)
     with ondevice.on_gpu(unet, vae, clip) as scope, torch.inference_mode():
         for c in (unet, vae, clip):
             assert set(ondevice.placement(c)) == {scope.device}
         assert torch.isfinite(vae.decode(torch.randn(1, 4, 8, 8))).all()
     assert_cpu_and_unregistered(unet, vae, clip)
+
+
+@pytest.fixture
+def roomy_gpu() -> Any:
+    """A fake GPU with more memory than the machine's RAM, where ComfyUI loads 'straight to GPU'."""
+    from ondevice.testing import fake_gpu  # noqa: PLC0415
+
+    with fake_gpu(memory="4096GiB") as gpu:
+        yield gpu
 
 
 def test_text_encoder_kind_unknown(sd15_checkpoint: Path) -> None:

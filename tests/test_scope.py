@@ -261,6 +261,7 @@ def test_device_of(fake_gpu: FakeGPU) -> None:
     assert ondevice.device_of(m) == CPU
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has an accelerator")
 def test_no_accelerator_runs_on_cpu_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     """Without any accelerator (nor a fake one), device=None runs on the CPU and warns once."""
     from ondevice import devices  # noqa: PLC0415
@@ -377,3 +378,26 @@ def test_acquire_verifies_every_part_is_on_the_device(fake_gpu: FakeGPU) -> None
         pass
     assert where(m) == where(other) == {CPU}
     assert fake_gpu.memory_allocated() == 0
+
+
+def test_on_gpu_decorator_gets_a_fresh_scope_per_call(fake_gpu: FakeGPU) -> None:
+    """@on_gpu(m) on a recursive function called from two threads: every call's scope is its own."""
+    import threading  # noqa: PLC0415
+
+    m = net()
+    seen: list[set[torch.device]] = []
+
+    @on_gpu(m)
+    def walk(depth: int) -> None:
+        if depth:
+            walk(depth - 1)
+        seen.append(where(m))
+
+    threads = [threading.Thread(target=walk, args=(3,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert seen == [{fake_gpu.device}] * 8
+    assert where(m) == {CPU}

@@ -66,7 +66,10 @@ def check_scenario(path: Path, device: torch.device, *, exact: bool) -> None:
     assert dict((r.component, r.device) for r in steps[3].rows)["vae"] == str(device)
     assert dict((r.component, r.device) for r in steps[5].rows)["clip"] == str(device)
     assert [r.device for r in steps[-1].rows] == ["cpu"] * 3
-    assert steps[-1].free_device_memory == baseline
+    if exact:
+        assert steps[-1].free_device_memory == baseline
+    else:  # a real GPU keeps library workspaces (cuBLAS, cuDNN) after the first decode / encode
+        assert baseline - steps[-1].free_device_memory <= 512 * 2**20
     assert "diffusion model on the GPU" in out.getvalue()
 
 

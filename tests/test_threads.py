@@ -70,7 +70,8 @@ def test_threads_never_double_load_and_end_on_cpu(fake_gpu: FakeGPU) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
     assert failures == []
     assert WatchedPart.errors == []
     assert all(set(ondevice.placement(m)) == {CPU} for m in models)
@@ -98,7 +99,8 @@ def test_threads_on_comfyui_components(fake_gpu: FakeGPU, sd15: ondevice.Checkpo
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
     assert failures == []
     assert set(ondevice.placement(sd15.model)) == set(ondevice.placement(sd15.vae)) == {CPU}
     assert fake_gpu.memory_allocated() == base

@@ -35,7 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from ondevice import devices
+from ondevice import comfyui, devices
 from ondevice.errors import FakeGPUActiveError, InvalidArgumentError
 from ondevice.testing import fakegpu  # importing it installs nothing; start() does
 
@@ -191,6 +191,8 @@ class FakeGPU:
             mm = sys.modules.get("comfy.model_management")
             if mm is not None:
                 _patch_comfy(mm, self, stack)
+            else:  # ComfyUI imported later through ondevice (a loader, comfyui_info) is patched then
+                stack.callback(comfyui.add_import_hook(lambda mm: _patch_comfy(mm, self, stack)))
             self._baseline, self._final = self._counters(), None
         except BaseException:
             stack.close()

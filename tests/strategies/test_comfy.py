@@ -289,10 +289,14 @@ def test_controlnet_chain(fake_gpu: FakeGPU) -> None:
     """A ControlNet with a previous one in its chain moves both (get_models())."""
     first, second = _controlnet(), _controlnet()
     second.set_previous_controlnet(first)
+
+    def devices_of(cn: Any) -> set[torch.device]:
+        return {t.device for t in cn.control_model.state_dict().values()}
+
     with on_gpu(second) as scope:
-        assert where(first) == where(second) == {scope.device}
-    assert_released(second, fake_gpu, 0)
-    assert where(first) == {CPU}
+        assert devices_of(first) == devices_of(second) == {scope.device}
+    assert devices_of(first) == devices_of(second) == {CPU}
+    assert fake_gpu.memory_allocated() == 0
 
 
 def test_controlnet(fake_gpu: FakeGPU) -> None:
@@ -397,3 +401,40 @@ def test_novram_is_named_in_the_error(sd15: ondevice.Checkpoint) -> None:
             pass
         assert where(sd15.model) == {CPU}
         assert gpu.memory_allocated() == 0
+
+
+@pytest.mark.parametrize("name", ["model", "clip", "vae"])
+@pytest.mark.parametrize("error", [ValueError("boom"), KeyboardInterrupt()])
+def test_exceptions_on_comfyui_components(
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, name: str, error: BaseException
+) -> None:
+    """An exception or KeyboardInterrupt inside a scope on a real component propagates unchanged and offloads it."""
+    component = getattr(sd15, name)
+    with pytest.raises(type(error)) as info, on_gpu(component):
+        assert where(component) == {fake_gpu.device}
+        raise error
+    assert info.value is error
+    assert_released(component, fake_gpu, 0)
+
+
+def test_decorator_forms_on_comfyui_components(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """@gpu_scoped bare and named, and @on_gpu, move real ComfyUI components for each call."""
+    from ondevice import gpu_scoped  # noqa: PLC0415
+
+    @gpu_scoped
+    def every(model: Any, vae: Any, steps: int) -> list[set[torch.device]]:
+        return [where(model), where(vae)]
+
+    @gpu_scoped("vae")
+    def named(model: Any, vae: Any) -> list[set[torch.device]]:
+        return [where(model), where(vae)]
+
+    @on_gpu(sd15.clip)
+    def fixed() -> set[torch.device]:
+        return where(sd15.clip)
+
+    assert every(sd15.model, sd15.vae, 3) == [{fake_gpu.device}, {fake_gpu.device}]
+    assert named(sd15.model, sd15.vae) == [{CPU}, {fake_gpu.device}]
+    assert fixed() == {fake_gpu.device}
+    for c in sd15[:3]:
+        assert_released(c, fake_gpu, 0)
