@@ -3,10 +3,11 @@
 While active, ``fakegpu:0`` (and ``fakegpu:1`` .. with ``device_count=``) is a
 real torch device (see :mod:`ondevice.testing.fakegpu`): tensors really move,
 math really runs, mixing devices fails like CUDA, and memory has a limit.
-``ondevice.devices.resolve(None)`` returns ``fakegpu:0``, and if ComfyUI is
-imported, ComfyUI's own ``comfy.model_management`` treats ``fakegpu:0`` as its
-GPU, so ``load_models_gpu``, ``unload_all_models``, ``vae.decode`` ... really
-move weights.  ComfyUI is never imported by this module.
+``ondevice.devices.resolve(None)`` returns ``fakegpu:0``, and ComfyUI's own
+``comfy.model_management`` treats ``fakegpu:0`` as its GPU (patched at start
+if ComfyUI is imported, else as soon as ondevice imports it), so
+``load_models_gpu``, ``unload_all_models``, ``vae.decode`` ... really move
+weights.  ComfyUI is never imported by this module.
 
 Thread semantics: the fake device and ComfyUI's state are process-wide, so one
 handle is active at a time.  Re-entering the active handle (nested ``with``,
