@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.ondevice-ready
 
-.PHONY: demo test test-comfyui venv clean
+.PHONY: demo test test-comfyui lint venv clean
 
 $(STAMP): requirements/ci.txt pyproject.toml scripts/prepare_notcomfy.py
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# Style and types: ruff (rules in pyproject.toml) and mypy --strict on ondevice/.
+lint: $(STAMP)
+	$(VENV)/bin/pip install -q ruff==0.17.6 mypy==2.4.1
+	$(VENV)/bin/ruff check ondevice tests examples scripts
+	$(VENV)/bin/ruff format --check ondevice tests examples scripts
+	$(VENV)/bin/mypy
 
 # The same suite against a ComfyUI checkout: make test-comfyui COMFYUI_PATH=/path/to/ComfyUI
 # (uses a separate venv without notcomfy, whose comfy/ package would shadow the checkout's).
