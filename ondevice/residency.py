@@ -138,11 +138,6 @@ class ResidencyTable:
         with self.lock:
             return sorted(self._held.values(), key=lambda h: h.order)
 
-    def holding_of(self, key: object) -> Holding | None:
-        """The holding for weights ``key``, if a live scope holds them."""
-        with self.lock:
-            return self._held.get(id(key))
-
     def force_offload(self, part: Part) -> None:
         """Move ``part`` to the CPU now; a scope holding it keeps counting, and a new claim loads it again."""
         with self.lock:
