@@ -2,9 +2,8 @@
 
 Load a checkpoint to the CPU -> diffusion model onto the GPU -> back -> VAE
 decode on the GPU -> back -> CLIP encode on the GPU -> back: everything on
-the CPU.  The
-tables show, per component: device, bytes, free device memory, and the
-seconds the step took.  Used by ``python -m ondevice demo``.
+the CPU.  The tables show, per component: device, bytes, free device
+memory, and the seconds the step took.  Used by ``python -m ondevice demo``.
 """
 
 from __future__ import annotations

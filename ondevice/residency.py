@@ -7,8 +7,8 @@ Weights are counted by identity of the part's ``key`` (ComfyUI clones share
 one ``nn.Module``, so they share one count).  The first claim loads, later
 ones only count; the last release offloads.  A later claim through a part
 whose weights differ (a ComfyUI clone with other patches, say a LoRA) makes
-that part the *active* one until it is released, and the previous one is
-loaded back then.  Every claim points its part at the device (``point_at``);
+that part the holding's current ``part`` until it is released, and the
+latest claim still live is loaded back then.  Every claim points its part at the device (``point_at``);
 the originals are restored when the weights leave the device.
 
 After every acquire and release the table checks that each weight still held
@@ -53,11 +53,6 @@ class Holding:
     claims: list[Part] = field(default_factory=list)
     pointed: list[Part] = field(default_factory=list)  # every part pointed at the device, restored at the end
     forced_off: bool = False
-
-    @property
-    def count(self) -> int:
-        """How many live claims hold these weights."""
-        return len(self.claims)
 
 
 @dataclass(frozen=True)
