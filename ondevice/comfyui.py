@@ -13,7 +13,6 @@ comparing version strings.
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
 import importlib.metadata
 import importlib.util
 import inspect
@@ -112,41 +111,6 @@ def _has_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
-def _torchvision_works() -> bool:
-    try:
-        import torchvision  # noqa: F401, PLC0415
-    except Exception:  # noqa: BLE001  (a broken CUDA build raises RuntimeError, not ImportError)
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        return False
-    return True
-
-
-def _stub_torchvision() -> None:
-    """Stand in for a missing or broken torchvision.
-
-    ComfyUI imports torchvision at module level for model families that the
-    stub never serves; the SD1.5 / SDXL paths use no attribute of it.
-    """
-    try:  # let transformers cache the truth before the stub appears
-        from transformers.utils import import_utils  # noqa: PLC0415
-
-        import_utils.is_torchvision_available()
-    except Exception:  # noqa: BLE001, S110  (transformers is optional here)
-        pass
-    for name in ("", ".transforms", ".transforms.functional", ".transforms.v2", ".models", ".ops", ".io", ".utils"):
-        full = "torchvision" + name
-        module = types.ModuleType(full)
-        module.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
-        module.__path__ = []
-        module.__version__ = "0.0.0+ondevice-stub"  # type: ignore[attr-defined]
-        sys.modules[full] = module
-        if name:
-            parent, _, child = full.rpartition(".")
-            setattr(sys.modules[parent], child, module)
-    log.info("ondevice: torchvision is missing or broken; using a stub for ComfyUI's imports")
-
-
 def import_comfy() -> types.ModuleType:
     """Import ComfyUI (booting it for the CPU where needed); returns ``comfy.model_management``."""
     mm = sys.modules.get("comfy.model_management")
@@ -157,8 +121,6 @@ def import_comfy() -> types.ModuleType:
         if mm is not None:
             return mm
         _locate()
-        if not _torchvision_works():
-            _stub_torchvision()
         try:
             import comfy.options  # noqa: PLC0415
 

@@ -6,6 +6,7 @@ check after every test that no scope still holds anything.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 import ondevice
 import ondevice.comfyui
 from ondevice.residency import Claim, table
+
+# Synthetic checkpoints are written once per cache, not once per suite: the matrix runs four suites,
+# and subprocesses (the demo, a user's pytest session) find the same files through the variable.
+os.environ.setdefault("ONDEVICE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "checkpoints"))
 
 mm = ondevice.comfyui.import_comfy()
 
@@ -25,11 +30,19 @@ def sd15(sd15_checkpoint: Path) -> ondevice.Checkpoint:
 
 
 @pytest.fixture(scope="session")
-def sdxl_mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A light checkpoint that ComfyUI detects as SDXL (its text encoders are full size: 1.6 GB)."""
-    from ondevice.testing.synthetic import synthetic_checkpoint  # noqa: PLC0415
+def sd15_checkpoint() -> Path:
+    """The mini SD1.5 checkpoint from the run's cache (overrides the plugin's per-session copy; read-only)."""
+    from ondevice.testing.synthetic import cached_checkpoint  # noqa: PLC0415
 
-    return synthetic_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl-mini.safetensors", family="sdxl", size="mini")
+    return cached_checkpoint("sd15", "mini")
+
+
+@pytest.fixture(scope="session")
+def sdxl_mini() -> Path:
+    """A light checkpoint that ComfyUI detects as SDXL (its text encoders are full size: 1.6 GB; read-only)."""
+    from ondevice.testing.synthetic import cached_checkpoint  # noqa: PLC0415
+
+    return cached_checkpoint("sdxl", "mini")
 
 
 @pytest.fixture
