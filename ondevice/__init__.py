@@ -23,7 +23,7 @@ from ondevice.errors import (
 )
 from ondevice.loader import Checkpoint, load_checkpoint, load_diffusion_model, load_text_encoders, load_vae
 from ondevice.placement import device_of, offload, placement
-from ondevice.scope import ScopeHandle, gpu_scoped, on_gpu
+from ondevice.scope import DeviceMemoryRetainedWarning, ScopeHandle, gpu_scoped, on_gpu
 from ondevice.strategies import Expand, register_strategy
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ComfyUIInfo",
     "ComfyUINotFoundError",
+    "DeviceMemoryRetainedWarning",
     "Expand",
     "InvalidArgumentError",
     "InvalidDeviceError",

@@ -1,4 +1,4 @@
-"""Device names, resolution, and free/total memory queries.
+"""Device names, resolution, and memory queries (free/total, allocated).
 
 Nothing here initializes CUDA at import.  ``resolve(None)`` picks the GPU that
 ComfyUI would use (or CUDA / MPS / XPU when ComfyUI is not loaded); a fake
@@ -25,6 +25,7 @@ __all__ = [
     "Backend",
     "DeviceLike",
     "default_gpu",
+    "memory_allocated",
     "memory_info",
     "register_backend",
     "resolve",
@@ -42,12 +43,14 @@ class Backend:
     """How ondevice talks to one kind of accelerator that torch does not know natively.
 
     ``mem_get_info(device) -> (free, total)`` in bytes; ``device_count()``;
-    ``synchronize(device)``.
+    ``synchronize(device)``; ``memory_allocated(device)`` in bytes (when left
+    out: total minus free, from ``mem_get_info``).
     """
 
     device_count: Callable[[], int]
     mem_get_info: Callable[[torch.device], tuple[int, int]]
     synchronize: Callable[[torch.device], None] = lambda device: None
+    memory_allocated: Callable[[torch.device], int] | None = None
 
 
 _backends: dict[str, Backend] = {}
@@ -185,6 +188,29 @@ def memory_info(device: DeviceLike) -> tuple[int, int]:
         return int(free), int(total)
     msg = f"device={str(dev)!r}: ondevice cannot query memory on {dev.type} devices"
     raise InvalidDeviceError(msg)
+
+
+def memory_allocated(device: DeviceLike) -> int:
+    """Bytes of tensor memory this process has allocated on the accelerator ``device`` now.
+
+    CUDA / ROCm / XPU: torch's ``memory_allocated``; MPS: ``current_allocated_memory``;
+    a registered :class:`Backend`: its ``memory_allocated``.  Raises
+    :class:`InvalidDeviceError` for the CPU and for devices torch cannot report on.
+    """
+    dev = resolve(device)
+    backend = _backends.get(dev.type)
+    if backend is not None:
+        if backend.memory_allocated is not None:
+            return backend.memory_allocated(dev)
+        free, total = backend.mem_get_info(dev)
+        return total - free
+    if dev.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    query = getattr(getattr(torch, dev.type, None), "memory_allocated", None) if dev.type in _NATIVE else None
+    if not callable(query):
+        msg = f"device={str(dev)!r}: ondevice cannot query allocated memory on {dev.type} devices"
+        raise InvalidDeviceError(msg)
+    return int(query(dev))
 
 
 def _cpu_memory() -> tuple[int, int]:

@@ -4,11 +4,19 @@ Entering a scope acquires every component's parts from the residency table
 (loading what is not yet held); leaving it releases them (offloading what no
 other live scope holds), always: on return, exception, ``KeyboardInterrupt``
 or generator close.  The user's exception propagates unchanged; a failure to
-offload while one propagates is logged and attached to it as a note.
+offload while one propagates is logged and attached to it as a note, except a
+``KeyboardInterrupt`` or ``SystemExit``, which is raised with the user's
+exception as its ``__context__``.
+
+When device memory allocated inside a scope is still held after its outermost
+exit (nothing else held on that device before or after), a
+:class:`DeviceMemoryRetainedWarning` says how much, once per ``with``
+statement or decorated function.
 
 Thread semantics: an ``on_gpu`` object may be entered from several threads
-and re-entered; each entry has its own holdings (kept per thread).  Decorated
-functions get a fresh scope per call, so recursion and threads share nothing.
+and re-entered; each exit releases the entry it closes, whatever thread runs
+it (a generator may be resumed, closed or collected on another thread).
+Decorated functions get a fresh scope per call, so recursion and threads share nothing.
 """
 
 from __future__ import annotations
@@ -16,24 +24,46 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import threading
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from types import FrameType, TracebackType
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import torch
 
 from ondevice import devices
-from ondevice.errors import InvalidArgumentError, NoStrategyError
+from ondevice.errors import InvalidArgumentError, InvalidDeviceError, NoStrategyError
 from ondevice.residency import Claim, table
 from ondevice.strategies import Part, has_strategy, parts_of, strategy_for
 
-__all__ = ["ScopeHandle", "gpu_scoped", "on_gpu"]
+__all__ = ["RETAINED_WARNING_BYTES", "DeviceMemoryRetainedWarning", "ScopeHandle", "gpu_scoped", "on_gpu"]
 
 log = logging.getLogger("ondevice")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+RETAINED_WARNING_BYTES = 2**20
+"""Memory still held on a device after a scope's outermost exit warns above this many bytes.
+
+Small enough to catch an autograd graph; above ComfyUI's own small caches."""
+
+
+class DeviceMemoryRetainedWarning(RuntimeWarning):
+    """Device memory allocated inside a scope is still held after its outermost exit.
+
+    A ``RuntimeWarning``, not a ``ResourceWarning``: Python hides those by default.
+    """
+
+
+class _Site(NamedTuple):
+    """Where a scope is entered (a ``with`` statement) or defined (a decorated function), for its warning."""
+
+    filename: str
+    line: int
+    module: str
 
 
 @dataclass(frozen=True)
@@ -55,15 +85,19 @@ class _Entry:
     may be finished or closed on another thread than the one that started it.
     """
 
-    def __init__(self, components: tuple[Any, ...], device: devices.DeviceLike) -> None:
+    def __init__(self, components: tuple[Any, ...], device: devices.DeviceLike, site: _Site) -> None:
         self._components = components
         self._device = device
+        self._site = site
         self._claims: list[Claim] | None = None
+        self._baseline: tuple[torch.device, int] | None = None
 
     def __enter__(self) -> ScopeHandle:
         device = devices.resolve(self._device)
         parts = _collect_parts(self._components)  # every error is raised before anything moves
-        self._claims = table.acquire(parts, device)
+        with table.lock:  # no other scope enters between the baseline and the acquire
+            self._baseline = _baseline(device)
+            self._claims = table.acquire(parts, device)
         return ScopeHandle(device=device, components=self._components)
 
     def __exit__(
@@ -75,11 +109,35 @@ class _Entry:
         claims, self._claims = self._claims or [], None
         try:
             table.release(claims)
-        except BaseException as release_error:
+        except Exception as release_error:
             if exc is None:
                 raise
             _attach(exc, release_error)
+        except BaseException as interrupt:  # KeyboardInterrupt, SystemExit: never reduced to a note
+            if exc is not None:
+                _chain(interrupt, exc)
+            raise
+        else:
+            if exc is None:  # a propagating exception's traceback still holds the block's tensors
+                self._check_retained()
         return False
+
+    def _check_retained(self) -> None:
+        if self._baseline is None:
+            return
+        device, before = self._baseline
+        with table.lock:
+            now = None if _holds(device) else _allocated(device)
+        if now is not None and now - before > RETAINED_WARNING_BYTES:
+            _warn_retained(now - before, device, self._site)
+
+
+class _Live(NamedTuple):
+    """A live entry of an ``on_gpu`` object, with the frame (by id) and the thread that entered it."""
+
+    entry: _Entry
+    frame: int
+    thread: int
 
 
 class on_gpu:  # noqa: N801  (a context manager named like a function, as contextlib does)
@@ -90,22 +148,34 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
     machine with none).  Building the object does no work.  Usable as a
     context manager and as a decorator::
 
-        with on_gpu(model, vae, device="cuda:0") as scope:
+        with on_gpu(model, vae, device="cuda:0") as scope, torch.inference_mode():
             ...  # every weight of model and vae is on scope.device
 
     Nested scopes count per underlying weights: an inner scope on a component
     an outer one holds neither reloads nor offloads it.
+
+    Thread semantics: one object may be entered by several threads at once and
+    re-entered.  An exit closes the latest live entry made from the same frame
+    (a generator's frame is the same whichever thread resumes, closes or
+    collects it), else the latest of the exiting thread, else the latest of
+    all (``contextlib.ExitStack`` enters and exits from other frames).  As a
+    decorator each call gets its own entry.  A decorated generator or async
+    generator function becomes a plain function that binds its arguments and
+    returns the generator; the scope is entered at its first step.
     """
 
     def __init__(self, *components: Any, device: devices.DeviceLike = None) -> None:
         self._components = components
         self._device = device
-        self._local = threading.local()
+        self._live: list[_Live] = []
+        self._lock = threading.Lock()
 
     def __enter__(self) -> ScopeHandle:
-        entry = _Entry(self._components, self._device)
+        caller = sys._getframe(1)  # the frame holding the with-block; only its id is kept
+        entry = _Entry(self._components, self._device, _frame_site(caller))
         handle = entry.__enter__()
-        self._stack().append(entry)
+        with self._lock:
+            self._live.append(_Live(entry, id(caller), threading.get_ident()))
         return handle
 
     def __exit__(
@@ -114,16 +184,32 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        return self._stack().pop().__exit__(exc_type, exc, tb)
+        with self._lock:
+            live = self._take(id(sys._getframe(1)))
+        return live.entry.__exit__(exc_type, exc, tb)
+
+    def _take(self, frame: int) -> _Live:
+        # Entries of one object hold the same components, so a wrong pick (a frame id reused after
+        # an ExitStack's enter) still releases the same weights; only which entry warns may differ.
+        thread = threading.get_ident()
+        for matches in (lambda e: e.frame == frame, lambda e: e.thread == thread, lambda e: True):
+            for index in reversed(range(len(self._live))):
+                if matches(self._live[index]):
+                    return self._live.pop(index)
+        msg = f"{self!r}.__exit__ without a matching __enter__: no entry of this scope is live"
+        raise InvalidArgumentError(msg)
 
     def __call__(self, func: F) -> F:
-        return _wrap(func, lambda args, kwargs: _Entry(self._components, self._device))
+        _check_decoratable(func, repr(self))
+        site = _definition_site(func)
+        signature = _signature(func)
 
-    def _stack(self) -> list[_Entry]:
-        stack: list[_Entry] | None = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
+        def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
+            if signature is not None:
+                _bind(func, signature, args, kwargs)  # a bad call raises before anything moves
+            return _Entry(self._components, self._device, site)
+
+        return _wrap(func, make_scope)
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self._components)
@@ -152,21 +238,130 @@ def _attach(user_error: BaseException, release_error: BaseException) -> None:
     _note(user_error, f"ondevice: offloading at scope exit also failed: {release_error!r}")
 
 
+def _chain(error: BaseException, user_error: BaseException) -> None:
+    """Put ``user_error`` at the end of ``error``'s context chain, as a nested ``with`` would (cf. ExitStack)."""
+    last = error
+    while last.__context__ is not None:
+        if last.__context__ is user_error:
+            return
+        last = last.__context__
+    if last is not user_error:
+        last.__context__ = user_error
+
+
+# ---------------------------------------------------------------------- device memory left behind
+
+
+def _holds(device: torch.device) -> bool:
+    return any(holding.device == device for holding in table.held())
+
+
+def _allocated(device: torch.device) -> int | None:
+    try:
+        return devices.memory_allocated(device)
+    except InvalidDeviceError:  # torch cannot report this device's memory (or its backend is gone)
+        return None
+
+
+def _baseline(device: torch.device) -> tuple[torch.device, int] | None:
+    """Device memory allocated now, if an entry made now is outermost on ``device`` (else None: no check)."""
+    if device.type == "cpu" or _holds(device):
+        return None
+    now = _allocated(device)
+    return None if now is None else (device, now)
+
+
+_warned_sites: set[_Site] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_retained(nbytes: int, device: torch.device, site: _Site) -> None:
+    with _warned_lock:
+        if site in _warned_sites:
+            return
+        _warned_sites.add(site)
+    msg = (
+        f"ondevice: {nbytes} bytes ({nbytes / 2**20:.1f} MiB) allocated on {device} inside this scope are still "
+        "held after it exited, while no scope holds anything there. Likely cause: a result computed with "
+        "gradients enabled keeps its autograd graph (activations and weights as they were on the device) alive; "
+        "run ComfyUI calls under torch.inference_mode(), as ComfyUI's executor does, or drop device tensors "
+        "before the scope exits. (Warned once per scope.)"
+    )
+    warnings.warn_explicit(msg, DeviceMemoryRetainedWarning, site.filename, site.line, module=site.module)
+
+
+def _frame_site(frame: FrameType) -> _Site:
+    return _Site(frame.f_code.co_filename, frame.f_lineno, str(frame.f_globals.get("__name__", "")))
+
+
+def _definition_site(func: Callable[..., Any]) -> _Site:
+    code = getattr(inspect.unwrap(func), "__code__", None)
+    module = str(getattr(func, "__module__", None) or "")
+    if code is None:
+        return _Site(_qualname(func), 0, module)
+    return _Site(code.co_filename, code.co_firstlineno, module)
+
+
+# ---------------------------------------------------------------------- decorating
+
+
+def _qualname(func: object) -> str:
+    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
+
+
+def _check_decoratable(func: object, decorator: str, *, component_hint: bool = False) -> None:
+    if inspect.isclass(func):
+        msg = (
+            f"{decorator} on class {func.__qualname__}: decorate a function or a method "
+            "(for a ComfyUI node, the method its FUNCTION names), not a class"
+        )
+        raise InvalidArgumentError(msg)
+    if component_hint and has_strategy(func):
+        msg = (
+            f"{decorator} got a {type(func).__name__}, which is a component, not a function: to hold it on "
+            "the GPU use `with on_gpu(component):` or `@on_gpu(component)`"
+        )
+        raise InvalidArgumentError(msg)
+    if not callable(func):
+        msg = f"{decorator} decorates functions and methods; got {func!r}"
+        raise InvalidArgumentError(msg)
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have none; the call itself checks its arguments
+        return None
+
+
+def _bind(
+    func: Callable[..., Any], signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> inspect.BoundArguments:
+    try:
+        return signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        msg = f"{_qualname(func)}(): {exc}"
+        raise TypeError(msg) from None
+
+
 def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entry]) -> F:
-    """Wrap ``func`` so each call runs inside a fresh scope (sync, async, generator and async generator functions)."""
+    """Wrap ``func`` so each call runs inside a fresh scope (sync, async, generator and async generator functions).
+
+    A generator or async generator function becomes a plain function: the call
+    binds the arguments (a bad call raises there) and returns the generator.
+    """
     if inspect.isasyncgenfunction(func):
 
         @functools.wraps(func)
-        async def run_async_generator(*args: Any, **kwargs: Any) -> Any:
-            with make_scope(args, kwargs):
-                async for item in func(*args, **kwargs):
-                    yield item
+        def start_async_generator(*args: Any, **kwargs: Any) -> Any:
+            entry = make_scope(args, kwargs)
+            return _scoped_async_generator(entry, func(*args, **kwargs))
 
-        return run_async_generator  # type: ignore[return-value]
+        return start_async_generator  # type: ignore[return-value]
     if inspect.iscoroutinefunction(func):
 
         @functools.wraps(func)
-        async def run_async(*args: Any, **kwargs: Any) -> Any:
+        async def run_async(*args: Any, **kwargs: Any) -> Any:  # stays `async def` for iscoroutinefunction
             with make_scope(args, kwargs):
                 return await func(*args, **kwargs)
 
@@ -174,11 +369,11 @@ def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entr
     if inspect.isgeneratorfunction(func):
 
         @functools.wraps(func)
-        def run_generator(*args: Any, **kwargs: Any) -> Any:
-            with make_scope(args, kwargs):
-                return (yield from func(*args, **kwargs))
+        def start_generator(*args: Any, **kwargs: Any) -> Any:
+            entry = make_scope(args, kwargs)
+            return _scoped_generator(entry, func(*args, **kwargs))
 
-        return run_generator  # type: ignore[return-value]
+        return start_generator  # type: ignore[return-value]
 
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -186,6 +381,35 @@ def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entr
             return func(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def _scoped_generator(entry: _Entry, generator: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    with entry:
+        return (yield from generator)
+
+
+async def _scoped_async_generator(entry: _Entry, agen: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, Any]:
+    """Run ``agen`` inside ``entry``, forwarding asend / athrow / aclose as ``yield from`` does (PEP 380)."""
+    with entry:
+        try:
+            item = await agen.__anext__()
+        except StopAsyncIteration:
+            return
+        while True:
+            step: Awaitable[Any]
+            try:
+                sent = yield item
+            except GeneratorExit:
+                await agen.aclose()  # the body's finally runs before the weights leave the device
+                raise
+            except BaseException as exc:  # noqa: BLE001  (forwarded into the body, which may handle it)
+                step = agen.athrow(exc)
+            else:
+                step = agen.asend(sent)
+            try:
+                item = await step
+            except StopAsyncIteration:
+                return
 
 
 @overload
@@ -201,18 +425,27 @@ def gpu_scoped(*args: Any, device: devices.DeviceLike = None) -> Any:
     ``@gpu_scoped("vae")`` or ``@gpu_scoped("model", "clip", device="cuda:1")``
     scopes the named parameters (a ``*args`` / ``**kwargs`` parameter scopes
     each of its values).  Works on functions, methods, ``async def``,
-    generator and async generator functions.  A name that is not a parameter raises at decoration.
+    generator and async generator functions; a decorated generator or async
+    generator function is a plain function that binds its arguments at the
+    call (a bad call raises ``TypeError`` there, naming the function) and
+    returns a generator whose scope is entered at its first step.  A name that
+    is not a parameter, a class, or a component (meant ``on_gpu``) raises
+    :class:`~ondevice.errors.InvalidArgumentError` at decoration.
+
+    Thread semantics: every call gets its own scope, so threads and recursion share nothing.
     """
-    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], str):
+    if len(args) == 1 and callable(args[0]):
         return _decorate(args[0], (), device)
     for name in args:
         if not isinstance(name, str):
-            msg = f"gpu_scoped({name!r}): arguments name parameters and must be strings, e.g. gpu_scoped('vae')"
+            hint = " (to hold a component on the GPU use on_gpu(component))" if has_strategy(name) else ""
+            msg = f"gpu_scoped({name!r}): arguments name parameters and must be strings, e.g. gpu_scoped('vae'){hint}"
             raise InvalidArgumentError(msg)
     return lambda func: _decorate(func, args, device)
 
 
 def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
+    _check_decoratable(func, f"gpu_scoped{names!r}" if names else "gpu_scoped", component_hint=True)
     signature = inspect.signature(func)
     unknown = [name for name in names if name not in signature.parameters]
     if unknown:
@@ -221,16 +454,17 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
             f"is not a parameter; name one of {list(signature.parameters)}"
         )
         raise InvalidArgumentError(msg)
+    site = _definition_site(func)
 
     def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
-        bound = signature.bind(*args, **kwargs)
+        bound = _bind(func, signature, args, kwargs)
         bound.apply_defaults()
         if names:
             components = [_checked(func, name, c) for name in names for c in _values(signature, bound.arguments, name)]
         else:
             every = [c for name in bound.arguments for c in _values(signature, bound.arguments, name)]
             components = [c for c in every if has_strategy(c)]
-        return _Entry(tuple(components), device)
+        return _Entry(tuple(components), device, site)
 
     return _wrap(func, make_scope)
 
