@@ -1,0 +1,1 @@
+"""Tests that run ComfyUI's own server (main.py) with ondevice inside it."""
