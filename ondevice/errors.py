@@ -44,7 +44,17 @@ class MissingWeightsError(OnDeviceError, ValueError):
 
 
 class ResidencyConflictError(OnDeviceError, RuntimeError):
-    """A component is held on one device by a live scope and was asked for on another."""
+    """A live scope holds a component in a way that a new scope cannot wait out.
+
+    Raised when the component is held on one device and asked for on another,
+    and when the same weights are asked for with other patches (a ComfyUI
+    clone with a LoRA, say) while a scope of another thread or asyncio task
+    holds them, where waiting for that scope would never end: the holder is
+    another task on this thread's event loop, or waits itself, directly or
+    through other threads, for this thread.  Otherwise such a scope waits
+    for the holder (see :mod:`ondevice.residency`).  The message names both
+    parts and both owners.
+    """
 
 
 class ComfyUINotFoundError(OnDeviceError, ImportError):

@@ -15,19 +15,42 @@ After every acquire and release the table checks that each weight still held
 is on its device and reloads any that something evicted.  An acquire that
 cannot get every part onto the device raises and holds nothing.
 
+Other patches, concurrently: one ``nn.Module`` carries one set of patches at
+a time.  Within one thread (and one asyncio task) scopes nest, so a clone
+with other patches is swapped in and back as above.  Each claim records its
+:class:`Owner` (thread, and asyncio task inside an event loop), and a claim
+never swaps weights under an owner that runs beside it: an acquire that
+needs other patches than a live claim of another thread holds *waits* until
+those claims are released, then swaps its own in.  Waiting is what a
+service that samples with a base model in one request and its LoRA clone in
+another needs: the two run one after the other, each on its own weights,
+instead of one failing.  Where waiting could never end, acquire raises
+:class:`~ondevice.errors.ResidencyConflictError` naming both parts and both
+owners, and holds nothing: when the holder waits, directly or through other
+waiting threads, for this thread, or is another asyncio task on this
+thread's event loop (waiting would block the loop that has to finish it).
+Clones with the same patches share the weights and never wait.  Waiting is
+not fair (scopes with the current patches that keep overlapping can keep a
+waiter waiting), and a wait on something ondevice cannot see (the holder
+joins the waiting thread) never ends: a waiter logs a warning every
+:attr:`ResidencyTable.wait_warning_s` seconds naming both.
+
 Thread semantics: one re-entrant lock (:attr:`ResidencyTable.lock`) guards the
 table and every move, so moves are serialized process-wide: two threads never
 load the same weights twice, and weights that a live scope holds are never
-offloaded by another.  ComfyUI's ``load_models_gpu`` and ``free_memory`` take
+offloaded by another.  A waiting acquire releases the lock while it waits.
+ComfyUI's ``load_models_gpu`` and ``free_memory`` take
 the same lock once ComfyUI's strategies are in use (see
 :mod:`ondevice.strategies.comfy`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +60,36 @@ import torch
 from ondevice.errors import OnDeviceError, ResidencyConflictError
 from ondevice.strategies import Part
 
-__all__ = ["Claim", "Holding", "ResidencyTable", "table"]
+__all__ = ["Claim", "Holding", "Owner", "ResidencyTable", "table"]
 
 log = logging.getLogger("ondevice")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who entered a claim: a thread and, inside a running event loop, the asyncio task."""
+
+    thread: int
+    task: object = None
+    name: str = field(default="", compare=False)
+
+    @classmethod
+    def current(cls) -> Owner:
+        """The calling thread and its running asyncio task, if any."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop runs in this thread
+            task = None
+        name = f"thread {threading.current_thread().name!r}"
+        if task is not None:
+            name += f" (asyncio task {task.get_name()!r})"
+        return cls(threading.get_ident(), task, name)
+
+    def runs_beside(self, other: Owner) -> bool:
+        """Whether code of the two may interleave: other threads, or other tasks of one event loop."""
+        if self.thread != other.thread:
+            return True
+        return self.task is not None and other.task is not None and self.task is not other.task
 
 
 @dataclass
@@ -51,6 +101,7 @@ class Holding:
     order: int
     part: Part  # the part whose weights (patches included) are on the device now
     claims: list[Part] = field(default_factory=list)
+    owners: list[Owner] = field(default_factory=list)  # owners[i] entered claims[i]
     pointed: list[Part] = field(default_factory=list)  # every part pointed at the device, restored at the end
     forced_off: bool = False
 
@@ -61,6 +112,22 @@ class Claim:
 
     holding: Holding
     part: Part
+
+
+@dataclass(frozen=True)
+class _Conflict:
+    """``part`` needs other patches than ``held``, which ``owner`` claimed and which runs beside the asker."""
+
+    part: Part
+    held: Part
+    owner: Owner
+
+
+@dataclass(frozen=True)
+class _Wait:
+    owner: Owner
+    parts: Sequence[Part]
+    device: torch.device
 
 
 def _same_weights(a: Part, b: Part) -> bool:
@@ -87,9 +154,14 @@ def _restore_pointers(parts: Iterable[Part]) -> None:
 class ResidencyTable:
     """What is held where; see the module docstring."""
 
+    wait_warning_s: float = 60.0
+    """A waiting acquire logs a warning each time it has waited this long."""
+
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        self._released = threading.Condition(self.lock)  # notified whenever a claim is released
         self._held: dict[int, Holding] = {}
+        self._waiting: dict[int, _Wait] = {}  # thread ident -> what that thread waits to acquire
         self._order = itertools.count()
 
     @contextmanager
@@ -99,12 +171,19 @@ class ResidencyTable:
             yield
 
     def acquire(self, parts: Sequence[Part], device: torch.device) -> list[Claim]:
-        """Hold every part on ``device``, loading those not yet there; all or nothing."""
+        """Hold every part on ``device``, loading those not yet there; all or nothing.
+
+        Waits while another thread holds the same weights with other patches
+        (see the module docstring); raises :class:`ResidencyConflictError`
+        where that wait could never end.
+        """
+        owner = Owner.current()
         claims: list[Claim] = []
         with self.lock:
+            self._wait_for_other_patches(_Wait(owner, parts, device))
             try:
                 for part in parts:
-                    claims.append(self._claim(part, device))
+                    claims.append(self._claim(part, device, owner))
                 self._restore()
                 self._verify(claims)
             except BaseException:
@@ -133,6 +212,11 @@ class ResidencyTable:
         with self.lock:
             return sorted(self._held.values(), key=lambda h: h.order)
 
+    def waiting(self) -> list[Owner]:
+        """The owners whose acquire now waits for another thread's claims to be released."""
+        with self.lock:
+            return [wait.owner for wait in self._waiting.values()]
+
     def force_offload(self, part: Part) -> None:
         """Move ``part`` to the CPU now; a scope holding it keeps counting, and a new claim loads it again."""
         with self.lock:
@@ -144,7 +228,80 @@ class ResidencyTable:
             holding.forced_off = True
             holding.part.offload()
 
-    def _claim(self, part: Part, device: torch.device) -> Claim:
+    def _wait_for_other_patches(self, wait: _Wait) -> None:
+        """Return once no owner beside ``wait.owner`` holds other patches of these weights; raise if never."""
+        conflicts = self._conflicts(wait)
+        if not conflicts:
+            return
+        first = conflicts[0]
+        log.info("ondevice: %s waits for %s to release %r", wait.owner.name, first.owner.name, first.held)
+        self._waiting[wait.owner.thread] = wait
+        try:
+            started = time.monotonic()
+            warnings = 0
+            while conflicts:
+                self._raise_if_endless(wait, conflicts)  # again after every release: the last to close a cycle sees it
+                warn_at = started + (warnings + 1) * self.wait_warning_s
+                self._released.wait(max(0.0, warn_at - time.monotonic()))  # releases the lock while it waits
+                if time.monotonic() >= warn_at:
+                    warnings += 1
+                    self._warn_long_wait(wait, conflicts[0], time.monotonic() - started)
+                conflicts = self._conflicts(wait)
+        finally:
+            del self._waiting[wait.owner.thread]
+
+    @staticmethod
+    def _warn_long_wait(wait: _Wait, conflict: _Conflict, seconds: float) -> None:
+        log.warning(
+            "ondevice: %s has waited %.1f s for %s to exit its scope on %r (the same weights with other patches "
+            "than %r); if that thread waits for this one, exit one scope before entering the other",
+            wait.owner.name,
+            seconds,
+            conflict.owner.name,
+            conflict.held,
+            conflict.part,
+        )
+
+    def _conflicts(self, wait: _Wait) -> list[_Conflict]:
+        """Live claims, by owners that run beside ``wait.owner``, of other patches of the weights it asks for."""
+        found = []
+        for part in wait.parts:
+            holding = self._held.get(id(part.key))
+            if holding is None or holding.device != wait.device:
+                continue  # a claim on another device is refused in _claim
+            for held, owner in zip(holding.claims, holding.owners, strict=True):
+                if owner.runs_beside(wait.owner) and not _same_weights(held, part):
+                    found.append(_Conflict(part, held, owner))
+        return found
+
+    def _raise_if_endless(self, wait: _Wait, conflicts: Sequence[_Conflict]) -> None:
+        """Raise where the wait could never end: a holder runs on this thread, or waits (through others) for it."""
+        for conflict in conflicts:
+            pending, seen = [conflict.owner.thread], set()
+            while pending:
+                thread = pending.pop()
+                if thread == wait.owner.thread:
+                    raise ResidencyConflictError(self._endless_message(wait, conflict))
+                if thread not in seen:
+                    seen.add(thread)
+                    other = self._waiting.get(thread)
+                    if other is not None:
+                        pending.extend(c.owner.thread for c in self._conflicts(other))
+
+    @staticmethod
+    def _endless_message(wait: _Wait, conflict: _Conflict) -> str:
+        if conflict.owner.thread == wait.owner.thread:
+            why = "it runs on this thread's event loop, which waiting would block"
+        else:
+            why = f"{conflict.owner.name} is waiting, directly or through other threads, for what this thread holds"
+        return (
+            f"{wait.owner.name} asked for {conflict.part!r} on {wait.device} while {conflict.owner.name} holds "
+            f"{conflict.held!r}, the same weights with other patches, in a live scope; waiting for it would never "
+            f"end ({why}); exit one of the two scopes before entering the other, use clones with the same "
+            "patches, or load the model a second time for the other patches"
+        )
+
+    def _claim(self, part: Part, device: torch.device, owner: Owner) -> Claim:
         holding = self._held.get(id(part.key))
         if holding is None:
             _point_at(part, device)
@@ -155,6 +312,7 @@ class ResidencyTable:
                 raise
             holding = Holding(device=device, key=part.key, order=next(self._order), part=part)
             holding.claims.append(part)
+            holding.owners.append(owner)
             holding.pointed.append(part)
             self._held[id(part.key)] = holding
             return Claim(holding, part)
@@ -170,6 +328,7 @@ class ResidencyTable:
             part.load(device)  # a clone with other patches: its weights are the ones on the device now
             holding.part, holding.forced_off = part, False
         holding.claims.append(part)
+        holding.owners.append(owner)
         return Claim(holding, part)
 
     def _release_all(self, claims: Iterable[Claim]) -> None:
@@ -180,6 +339,9 @@ class ResidencyTable:
             except BaseException as exc:  # noqa: BLE001  (every release runs; the first error is raised)
                 if first is None:
                     first = exc
+                elif isinstance(first, Exception) and not isinstance(exc, Exception):
+                    exc.__context__ = first  # an interrupt outranks an ordinary error: raised, that error chained
+                    first = exc
                 else:
                     log.error("ondevice: releasing %r also failed: %r", claim.part, exc)
         if first is not None:
@@ -187,7 +349,9 @@ class ResidencyTable:
 
     def _release_one(self, claim: Claim) -> None:
         holding = claim.holding
-        holding.claims.remove(claim.part)
+        index = [part is claim.part for part in holding.claims].index(True)  # ValueError if released already
+        del holding.claims[index], holding.owners[index]
+        self._released.notify_all()
         if holding.claims:
             if holding.part is claim.part:
                 successor = holding.claims[-1]  # the latest claim still live decides the patches

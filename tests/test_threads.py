@@ -104,3 +104,72 @@ def test_threads_on_comfyui_components(fake_gpu: FakeGPU, sd15: ondevice.Checkpo
     assert failures == []
     assert set(ondevice.placement(sd15.model)) == set(ondevice.placement(sd15.vae)) == {CPU}
     assert fake_gpu.memory_allocated() == base
+
+
+class Patched:
+    """A view of a shared module with its own patch ``tag`` (what a ComfyUI clone with other patches is)."""
+
+    def __init__(self, module: torch.nn.Linear, tag: int) -> None:
+        self.module, self.tag = module, tag
+
+
+class PatchedPart(ModulePart):
+    """Loading puts this view's tag on the shared module; clones with one tag have the same weights."""
+
+    def __init__(self, view: Patched) -> None:
+        super().__init__(view.module)
+        self.tag = view.tag
+
+    def load(self, device: torch.device) -> None:
+        super().load(device)
+        self.module.tag = self.tag  # type: ignore[assignment]
+
+    def same_weights(self, other: object) -> bool:
+        return getattr(other, "tag", None) == self.tag
+
+
+class PatchedStrategy:
+    def parts(self, component: Any) -> Sequence[PatchedPart]:
+        return [PatchedPart(component)]
+
+
+def test_threads_with_other_patches_never_run_on_swapped_weights(fake_gpu: FakeGPU) -> None:
+    """4 threads x 30 random (nested) scopes over two patch sets of one module: each scope sees only its own patches."""
+    ondevice.register_strategy(Patched, PatchedStrategy())
+    module = torch.nn.Linear(16, 16)
+    views = [Patched(module, tag) for tag in (0, 1)]
+    failures: list[str] = []
+    conflicts: list[ondevice.ResidencyConflictError] = []
+
+    def check(view: Patched) -> None:
+        for _ in range(3):
+            if module.tag != view.tag:  # type: ignore[comparison-overlap]
+                failures.append(f"a scope on patches {view.tag} ran on patches {module.tag}")
+            module(torch.randn(2, 16, device=fake_gpu.device))
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(30):
+            outer, inner = rng.choice(views), rng.choice(views)
+            try:
+                with on_gpu(outer):
+                    check(outer)
+                    if rng.random() < 0.5:
+                        with on_gpu(inner):  # nested in this thread: swapped in, and back after
+                            check(inner)
+                    check(outer)
+            except ondevice.ResidencyConflictError as exc:  # both threads nest the other patches: a wait cycle
+                conflicts.append(exc)
+            except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    assert failures == []
+    assert all("is waiting, directly or through other threads" in str(exc) for exc in conflicts)
+    assert set(ondevice.placement(module)) == {CPU}
+    assert fake_gpu.memory_allocated() == 0
