@@ -283,6 +283,35 @@ def test_interrupt_while_releasing_chained_from_a_decorated_generator(fake_gpu: 
     assert info.value.__context__ is user_error
 
 
+class Fragile(torch.nn.Linear):
+    """A module whose part offloads, then raises the module's own ``error`` (once)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(4, 4)
+        self.error: BaseException | None = error
+
+
+class FragilePart(ModulePart):
+    def offload(self) -> None:
+        super().offload()
+        error, self.module.error = self.module.error, None  # type: ignore[assignment]
+        if error is not None:
+            raise error
+
+
+ondevice.register_strategy(Fragile, SimpleNamespace(parts=lambda c: [FragilePart(c)]))
+
+
+def test_interrupt_after_an_error_while_releasing_is_raised(fake_gpu: FakeGPU) -> None:
+    """An ordinary error releasing one component, then Ctrl-C releasing the next: the interrupt is raised, chained."""
+    error = RuntimeError("offload broke")
+    first, second = Fragile(KeyboardInterrupt()), Fragile(error)  # released in reverse: second, then first
+    with pytest.raises(KeyboardInterrupt) as info, on_gpu(first, second):
+        pass
+    assert info.value.__context__ is error
+    assert where(first) == where(second) == {CPU}
+
+
 def test_error_while_releasing_is_a_note_on_the_user_error(fake_gpu: FakeGPU) -> None:
     """An ordinary Exception from offloading while the user's error propagates: the user's error, with a note."""
     m, user_error = Brittle(4, 4), ValueError("user")
