@@ -12,7 +12,7 @@ SNAPSHOTS := 0.3.64 0.3.75 0.33.0
 STANDINS := $(CURDIR)/tests/standins
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-notcomfy test-comfyui $(addprefix test-,$(SNAPSHOTS)) lint venv clean
+.PHONY: demo test test-fast test-notcomfy test-comfyui $(addprefix test-,$(SNAPSHOTS)) lint venv clean
 
 define make_venv
 	rm -rf $(1)
@@ -49,6 +49,10 @@ test: .venv/.ondevice-ready .venv-comfyui/.ondevice-ready $(foreach v,$(SNAPSHOT
 	.venv/bin/python scripts/test_matrix.py --pytest-args "$(PYTEST_ARGS)" \
 	  notcomfy=.venv/bin/python \
 	  $(foreach v,$(SNAPSHOTS),$(v)=.venv-comfyui/bin/python@.cache/comfyui/comfyui-$(v))
+
+# The fast tier: no ComfyUI, no fake GPU (the residency table on stub parts, input checks); seconds.
+test-fast: .venv/.ondevice-ready
+	.venv/bin/python -m pytest $(PYTEST_ARGS) tests/fast
 
 test-notcomfy: .venv/.ondevice-ready
 	.venv/bin/python -m pytest $(PYTEST_ARGS)

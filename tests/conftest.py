@@ -1,12 +1,14 @@
 """Boot real ComfyUI (notcomfy in CI, or the checkout named by COMFYUI_PATH) before any test runs.
 
-Shared fixtures: a mini SD1.5 checkpoint loaded CPU-first once per module, and a
-check after every test that no scope still holds anything.
+Only a run that collected nothing but the fast tier (tests/fast/: no ComfyUI, no fake GPU) skips the
+boot. Shared fixtures: a mini SD1.5 checkpoint loaded CPU-first once per module, and a check after
+every test that no scope still holds anything.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,13 @@ from ondevice.residency import Claim, table
 # and subprocesses (the demo, a user's pytest session) find the same files through the variable.
 os.environ.setdefault("ONDEVICE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "checkpoints"))
 
-mm = ondevice.comfyui.import_comfy()
+FAST = Path(__file__).resolve().parent / "fast"
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """Boot ComfyUI before the first test module outside the fast tier is imported (many import comfy)."""
+    if isinstance(collector, pytest.Module) and FAST not in collector.path.parents:
+        ondevice.comfyui.import_comfy()
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +68,8 @@ def _no_scope_leaks() -> Iterator[None]:
     yield
     leaked = table.held()
     table.release([Claim(holding, part) for holding in leaked for part in list(holding.claims)])
-    mm.unload_all_models()
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
     assert not leaked, f"scopes still hold {[h.part for h in leaked]}"
     assert not table.held()

@@ -1,0 +1,147 @@
+"""The residency table on stub parts: no ComfyUI, no fake GPU, milliseconds per test (the fast tier)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import pytest
+import torch
+
+from ondevice.errors import OnDeviceError, ResidencyConflictError
+from ondevice.residency import ResidencyTable
+
+GPU = torch.device("meta")  # any device but the CPU: the stubs only record where they are
+
+
+class Weights:
+    """What stub parts share when they are "clones": one set of weights, with the patches now applied."""
+
+    def __init__(self) -> None:
+        self.where = torch.device("cpu")
+        self.patches = "none"
+        self.moves: list[str] = []
+
+
+class Stub:
+    """A part over ``weights`` with its own ``patches``; records every move."""
+
+    def __init__(self, weights: Weights, patches: str = "none", *, fail_load: bool = False) -> None:
+        self.weights, self.patches, self.fail_load = weights, patches, fail_load
+
+    @property
+    def key(self) -> object:
+        return self.weights
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return []
+
+    def load(self, device: torch.device) -> None:
+        if self.fail_load:
+            raise RuntimeError("load failed")
+        self.weights.where, self.weights.patches = device, self.patches
+        self.weights.moves.append(f"load {self.patches}")
+
+    def offload(self) -> None:
+        self.weights.where = torch.device("cpu")
+        self.weights.moves.append("offload")
+
+    def is_on(self, device: torch.device) -> bool:
+        return self.weights.where == device and self.weights.patches == self.patches
+
+    def same_weights(self, other: object) -> bool:
+        return isinstance(other, Stub) and other.patches == self.patches
+
+    def __repr__(self) -> str:
+        return f"Stub({self.patches})"
+
+
+def test_first_claim_loads_last_release_offloads() -> None:
+    """Nested claims on one set of weights load once and offload once, at the last release."""
+    table, w = ResidencyTable(), Weights()
+    outer = table.acquire([Stub(w)], GPU)
+    inner = table.acquire([Stub(w)], GPU)
+    table.release(inner)
+    assert w.where == GPU
+    table.release(outer)
+    assert w.where == torch.device("cpu")
+    assert w.moves == ["load none", "offload"]
+    assert table.held() == []
+
+
+def test_failed_acquire_holds_nothing() -> None:
+    """An acquire whose second part fails to load releases the first again and raises."""
+    table, a, b = ResidencyTable(), Weights(), Weights()
+    with pytest.raises(RuntimeError, match="load failed"):
+        table.acquire([Stub(a), Stub(b, fail_load=True)], GPU)
+    assert table.held() == []
+    assert a.where == torch.device("cpu")
+
+
+def test_acquire_verifies_what_it_loaded() -> None:
+    """A part that says it loaded but is not on the device fails the acquire with OnDeviceError."""
+
+    class Liar(Stub):
+        def load(self, device: torch.device) -> None:
+            self.weights.moves.append("pretend")
+
+    table = ResidencyTable()
+    with pytest.raises(OnDeviceError, match="could not be kept wholly"):
+        table.acquire([Liar(Weights())], GPU)
+    assert table.held() == []
+
+
+def test_nested_clone_with_other_patches_swaps_in_and_back() -> None:
+    """In one thread, a clone with other patches is loaded for the inner scope; the outer's come back after."""
+    table, w = ResidencyTable(), Weights()
+    outer = table.acquire([Stub(w, "base")], GPU)
+    inner = table.acquire([Stub(w, "lora")], GPU)
+    assert w.patches == "lora"
+    table.release(inner)
+    assert (w.where, w.patches) == (GPU, "base")
+    table.release(outer)
+    assert w.moves == ["load base", "load lora", "load base", "offload"]
+
+
+def test_other_device_while_held_is_a_conflict() -> None:
+    """Weights held on one device and asked for on another: ResidencyConflictError, nothing more held."""
+    table, w = ResidencyTable(), Weights()
+    claims = table.acquire([Stub(w)], GPU)
+    with pytest.raises(ResidencyConflictError, match="held on meta"):
+        table.acquire([Stub(w)], torch.device("cpu"))
+    table.release(claims)
+    assert table.held() == []
+
+
+def test_other_thread_with_other_patches_waits_for_the_holder() -> None:
+    """A thread asking for other patches of held weights waits until the holder releases, then loads its own."""
+    table, w = ResidencyTable(), Weights()
+    base = table.acquire([Stub(w, "base")], GPU)
+    seen: list[str] = []
+
+    def lora() -> None:
+        claims = table.acquire([Stub(w, "lora")], GPU)
+        seen.append(w.patches)
+        table.release(claims)
+
+    thread = threading.Thread(target=lora)
+    thread.start()
+    for _ in range(500):  # until the thread is waiting (bounded: 5 s)
+        if table.waiting():
+            break
+        threading.Event().wait(0.01)
+    assert table.waiting() and w.patches == "base"
+    table.release(base)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert seen == ["lora"]
+    assert w.where == torch.device("cpu")
+
+
+def test_release_twice_is_an_error() -> None:
+    """Releasing the same claims twice raises instead of dropping another scope's claim."""
+    table, w = ResidencyTable(), Weights()
+    claims = table.acquire([Stub(w)], GPU)
+    table.release(claims)
+    with pytest.raises(ValueError):
+        table.release(claims)
