@@ -73,4 +73,4 @@ lint: .venv/.ondevice-ready
 	.venv/bin/mypy
 
 clean:
-	rm -rf .venv .venv-comfyui .cache/comfyui
+	rm -rf .venv .venv-comfyui .cache/comfyui .cache/install-test
