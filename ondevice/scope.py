@@ -256,11 +256,26 @@ def _holds(device: torch.device) -> bool:
     return any(holding.device == device for holding in table.held())
 
 
+_kept_elsewhere: list[Callable[[torch.device], int]] = []
+
+
+def count_kept_elsewhere(counter: Callable[[torch.device], int]) -> None:
+    """Have the retained-memory check leave out the bytes ``counter(device)`` says another owner keeps there.
+
+    ComfyUI's strategies register the weights of the models ComfyUI itself keeps loaded: a
+    ``vae.decode`` inside ``on_gpu(model)`` loads the VAE, and ComfyUI keeps it after the scope.
+    """
+    if counter not in _kept_elsewhere:
+        _kept_elsewhere.append(counter)
+
+
 def _allocated(device: torch.device) -> int | None:
+    """Bytes allocated on ``device`` that no known owner keeps (None where torch cannot tell)."""
     try:
-        return devices.memory_allocated(device)
+        allocated = devices.memory_allocated(device)
     except InvalidDeviceError:  # torch cannot report this device's memory (or its backend is gone)
         return None
+    return allocated - sum(counter(device) for counter in _kept_elsewhere)
 
 
 def _baseline(device: torch.device) -> tuple[torch.device, int] | None:

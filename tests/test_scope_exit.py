@@ -447,3 +447,17 @@ def test_comfyui_vae_decode_outside_inference_mode_warns(fake_gpu: FakeGPU, sd15
     [message] = retained(caught)
     assert "fakegpu:0" in message
     del image
+
+
+def test_models_comfyui_keeps_loaded_are_not_reported(fake_gpu: FakeGPU, sd15_checkpoint: Any) -> None:
+    """A vae.decode inside on_gpu(model) makes ComfyUI load the VAE and keep it: no retained-memory warning."""
+    mm = sys.modules["comfy.model_management"]
+    ckpt = ondevice.load_checkpoint(sd15_checkpoint)  # loaded while the fake GPU is active: it is their GPU
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with on_gpu(ckpt.model), torch.inference_mode():
+            ckpt.vae.decode(torch.randn(1, 4, 8, 8))
+        kept = [entry.model for entry in mm.current_loaded_models if entry.device == fake_gpu.device]
+        assert [p for p in kept if p is ckpt.vae.patcher]  # ComfyUI kept the VAE it loaded itself
+        assert retained(caught) == []
+    mm.unload_all_models()
