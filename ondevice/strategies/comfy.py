@@ -9,18 +9,31 @@ CPU even under ``--highvram`` / ``--gpu-only``.  ``LoadedModel`` is never
 built by hand and no unloaded entry (``model_finalizer is None``) is left
 in the list.
 
+Dynamic VRAM (ComfyUI 2026+, ``ModelPatcherDynamic`` over comfy-aimdo): the
+patcher is loaded the same way, which stages its weights in an aimdo VBAR
+(virtual GPU memory with nothing behind it yet).  ondevice then locks the
+staged range against aimdo's eviction (``ModelVBAR.set_watermark_limit``)
+and faults every weight's pages in, so the VRAM is taken at entry or the
+entry fails; at exit the lock is dropped and ComfyUI's unload frees the
+pages and its pinned host buffers.  docs/dynamic-vram.md says what that
+guarantees and what it cannot.
+
 Features are probed (``hasattr``), never version strings: ``detach`` exists
 from 2024-12 on; ``LoadedModel.model`` is a weakref property from 2024-12 on
-and may be ``None``; ``ModelPatcherDynamic`` (2026) must not be force-loaded.
+and may be ``None``; ``is_dynamic`` / ``register_load_device`` /
+``dynamic_vbars`` exist where ComfyUI has dynamic VRAM.
 
 This module imports ComfyUI; :mod:`ondevice.strategies` imports it lazily,
-the first time a ComfyUI object is seen.
+the first time a ComfyUI object is seen.  Importing it installs the guard
+(:func:`install_guard`); :func:`remove_guard` takes it off again.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,10 +44,11 @@ import torch
 from ondevice.devices import CPU
 from ondevice.errors import MissingWeightsError, OnDeviceError
 from ondevice.residency import table
+from ondevice.scope import count_kept_elsewhere
 from ondevice.strategies import register_strategy
 from ondevice.strategies.module import all_on, module_tensors
 
-__all__ = ["PatcherPart", "is_registered", "registered_entries"]
+__all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
 
 _WEAKREF_LOADED_MODEL = isinstance(getattr(mm.LoadedModel, "model", None), property)
 
@@ -67,14 +81,114 @@ def _remove_entry(entry: Any) -> None:
             return
 
 
+# ---------------------------------------------------------------------- dynamic VRAM (comfy-aimdo)
+
+# VBAR -> bytes aimdo reported resident right after ondevice faulted the staged weights in and locked
+# them; an entry exists exactly while ondevice holds that VBAR's pages (weak: ComfyUI owns the VBAR).
+_resident: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _vbars(patcher: Any) -> dict[Any, Any]:
+    """ComfyUI's per-device VBARs of a dynamic patcher's weights (``{}`` for a plain patcher)."""
+    vbars = getattr(patcher.model, "dynamic_vbars", None)
+    return vbars if isinstance(vbars, dict) else {}
+
+
+def _lock(vbar: Any) -> None:
+    """Make the VBAR's staged range unevictable by aimdo (torch allocations, other models' faults, free_memory)."""
+    vbar.set_watermark_limit(vbar.offset)
+
+
+def _unlock(vbar: Any) -> None:
+    _resident.pop(vbar, None)
+    vbar.set_watermark_limit(0)
+
+
+def _staged(patcher: Any) -> list[tuple[Any, int, int]]:
+    """The aimdo allocations ``(vbar, address, size)`` ComfyUI's load gave the weights (``module._v``), in order."""
+    allocations = [m._v for m in patcher.model.modules() if getattr(m, "_v", None) is not None]
+    return sorted(allocations, key=lambda allocation: allocation[1])
+
+
+def _fault_in(patcher: Any, device: torch.device) -> None:
+    """Lock the staged weights' VRAM and fault every page in; raise :class:`OnDeviceError` if aimdo runs short.
+
+    Faulting allocates the pages only; ComfyUI's cast copies each weight in at
+    its first use (aimdo's page serials tell it the page is new) and reuses it
+    after that.  Each page is unpinned again at once: the lock, not the pin,
+    keeps it.
+    """
+    name = type(patcher.model).__name__
+    vbar = _vbars(patcher).get(device)
+    if vbar is None:
+        msg = f"ComfyUI's dynamic VRAM load of {name} made no VBAR for {device}; load it without dynamic VRAM"
+        raise OnDeviceError(msg)
+    _lock(vbar)
+    staged = _staged(patcher)
+    faulted: list[tuple[Any, int, int]] = []
+    try:
+        for owner, address, size in staged:
+            if owner.fault(address, size) is None:
+                total = sum(size for _, _, size in staged)
+                msg = (
+                    f"ComfyUI's dynamic VRAM (comfy-aimdo) could not make all {total:,} bytes of {name}'s weights "
+                    f"resident on {device} beside what is held there; free device memory, scope fewer components "
+                    "at once, or start ComfyUI with --disable-dynamic-vram"
+                )
+                raise OnDeviceError(msg)
+            faulted.append((owner, address, size))
+    finally:
+        for owner, address, size in faulted:
+            owner.unpin(address, size)
+    _resident[vbar] = vbar.loaded_size()
+
+
+def _is_resident(patcher: Any, device: torch.device) -> bool:
+    """Whether every page ondevice faulted in for ``device`` is still resident."""
+    vbar = _vbars(patcher).get(device)
+    if vbar is None or vbar not in _resident:
+        return False
+    return bool(vbar.loaded_size() >= _resident[vbar])
+
+
+def _release_vbars(patcher: Any, keep: torch.device | None = None) -> None:
+    """Unlock the weights' VBARs (but ``keep``'s) and free pages ComfyUI's unload left (it stops at a lock)."""
+    if not _is_dynamic(patcher):
+        return
+    for device, vbar in list(_vbars(patcher).items()):
+        if device == keep:
+            continue
+        _unlock(vbar)
+        if vbar.loaded_size() > 0:
+            with _unloading(patcher, device):
+                patcher.partially_unload(CPU, 1e32)  # ComfyUI's own: frees the VBAR pages, then its backups
+
+
+def _relock_held() -> None:
+    """Lock again what live scopes hold: ComfyUI's executor resets every VBAR's limit after each node."""
+    for holding in table.held():
+        patcher = getattr(holding.part, "patcher", None)
+        vbar = None if holding.forced_off or patcher is None else _vbars(patcher).get(holding.device)
+        if vbar is not None and vbar in _resident:
+            _lock(vbar)
+
+
+# ---------------------------------------------------------------------- unloading
+
+
 @contextmanager
-def _offload_device(patcher: Any, device: torch.device) -> Iterator[None]:
-    saved = patcher.offload_device
-    patcher.offload_device = device
+def _unloading(patcher: Any, device: Any) -> Iterator[None]:
+    """Point ``load_device`` at the device the weights are loaded on and ``offload_device`` at the CPU.
+
+    A dynamic patcher's unload reads its per-device state through ``load_device``
+    (VBAR, pinned host buffers); a scope may have pointed it elsewhere meanwhile.
+    """
+    saved = patcher.load_device, patcher.offload_device
+    patcher.load_device, patcher.offload_device = device, CPU
     try:
         yield
     finally:
-        patcher.offload_device = saved
+        patcher.load_device, patcher.offload_device = saved
 
 
 def _unload_entry(entry: Any) -> None:
@@ -83,14 +197,17 @@ def _unload_entry(entry: Any) -> None:
     if _WEAKREF_LOADED_MODEL and getattr(entry, "model_finalizer", None) is None:
         return  # never loaded, or already unloaded: model_unload() would crash
     patcher = entry.model
-    with _offload_device(patcher, CPU):
+    vbar = _vbars(patcher).get(entry.device)
+    if vbar is not None:
+        _unlock(vbar)  # ComfyUI's unload frees VBAR pages only above the limit
+    with _unloading(patcher, entry.device):
         entry.model_unload()
 
 
 def _detach_to_cpu(patcher: Any) -> None:
     """Move weights that ComfyUI no longer tracks (moved by hand, or a failed unload) back to the CPU."""
     try:
-        with _offload_device(patcher, CPU):
+        with _unloading(patcher, patcher.load_device):
             if hasattr(patcher, "detach"):
                 patcher.detach(unpatch_all=True)
             else:
@@ -108,7 +225,12 @@ class PatcherPart:
     ``retarget`` lists ``(object, attribute)`` pairs that must name the scope's
     device while the weights are held (``vae.device``, a ClipVision's
     ``load_device``); :meth:`point_at` sets them and the patcher's
-    ``load_device``, :meth:`restore` puts the originals back.
+    ``load_device`` (registering the device with a dynamic patcher),
+    :meth:`restore` puts the originals back.
+
+    On the device means: ComfyUI's loaded list holds the weights for that
+    device and every weight is there; for a dynamic patcher, every staged
+    weight's VRAM is faulted in and locked (see the module docstring).
     """
 
     def __init__(self, patcher: Any, retarget: Sequence[tuple[object, str]] = ()) -> None:
@@ -124,10 +246,17 @@ class PatcherPart:
         return module_tensors(self.patcher.model)
 
     def is_on(self, device: torch.device) -> bool:
-        if not is_registered(self.patcher):
-            return False
-        # a dynamic (comfy-aimdo) patcher faults weights in lazily: registered is as loaded as it gets
-        return _is_dynamic(self.patcher) or all_on(self.tensors(), device)
+        if not _is_dynamic(self.patcher):
+            return is_registered(self.patcher) and all_on(self.tensors(), device)
+        # the weights stay CPU tensors; ComfyUI casts them from the VBAR's pages on the device
+        return (
+            self._registered_on(device)
+            and getattr(self.patcher.model, "device", None) == device
+            and _is_resident(self.patcher, device)
+        )
+
+    def _registered_on(self, device: torch.device) -> bool:
+        return any(entry.device == device for entry in registered_entries(self.patcher.model))
 
     def same_weights(self, other: object) -> bool:
         """Whether ``other`` (a part over the same nn.Module) applies the same patches."""
@@ -137,11 +266,16 @@ class PatcherPart:
         return bool(self.patcher.clone_has_same_weights(patcher))
 
     def load(self, device: torch.device) -> None:
+        dynamic = _is_dynamic(self.patcher)
         try:
-            if not self.is_on(device):
+            if dynamic:
+                self._unload_all(keep=device)  # ComfyUI's reload reuses pages still resident here
+            elif not self.is_on(device):
                 self._unload_all()  # a partial (lowvram) or stale load is not upgraded in place
-            mm.load_models_gpu([self.patcher], force_full_load=not _is_dynamic(self.patcher))
-            if not _is_dynamic(self.patcher) and not self.is_on(device):
+            mm.load_models_gpu([self.patcher], force_full_load=not dynamic)
+            if dynamic:
+                _fault_in(self.patcher, device)
+            if not self.is_on(device):
                 raise OnDeviceError(self._not_loaded_message(device))
         except BaseException:
             self._unload_all()
@@ -159,17 +293,38 @@ class PatcherPart:
             )
         return f"ComfyUI did not fully load {name} onto {device}; free device memory or pass a smaller model"
 
-    def _unload_all(self) -> None:
+    def _unload_all(self, keep: torch.device | None = None) -> None:
+        """Unload every ComfyUI entry of the weights to the CPU; with ``keep``, all but that device's."""
+        patcher = self.patcher
         try:
-            for entry in registered_entries(self.patcher.model):
-                _unload_entry(entry)
+            for entry in registered_entries(patcher.model):
+                if entry.device != keep:
+                    _unload_entry(entry)
         finally:
-            if not all_on(self.tensors(), CPU):
-                _detach_to_cpu(self.patcher)
-            mm.soft_empty_cache()
+            try:
+                _release_vbars(patcher, keep)
+            finally:
+                if keep is None:
+                    self._settle_on_cpu()
+                mm.soft_empty_cache()
+
+    def _settle_on_cpu(self) -> None:
+        patcher = self.patcher
+        if not all_on(self.tensors(), CPU):
+            _detach_to_cpu(patcher)
+        if getattr(patcher.model, "device", CPU) != CPU:
+            patcher.model.device = CPU  # a dynamic patcher's unpatch_model ignores its device_to
 
     def point_at(self, device: torch.device) -> None:
-        """Point the patcher's ``load_device`` (and the retarget attributes) at ``device``; originals are kept."""
+        """Point the patcher's ``load_device`` (and the retarget attributes) at ``device``; originals are kept.
+
+        A dynamic patcher keeps per-device state (``model.dynamic_pins``) that
+        its own ``register_load_device`` creates; ComfyUI's device-selector
+        nodes call it in the same way before they retarget a patcher.
+        """
+        register_load_device = getattr(self.patcher, "register_load_device", None)
+        if callable(register_load_device):
+            register_load_device(device)
         if self._saved is None:
             self._saved = [(obj, name, getattr(obj, name)) for obj, name in self._retarget]
         for obj, name in self._retarget:
@@ -242,39 +397,114 @@ class ControlNetStrategy:
         return [PatcherPart(p) for p in models]
 
 
+# ---------------------------------------------------------------------- the guard on ComfyUI's memory management
+
+_GUARDED = ("free_memory", "load_models_gpu")
+# id(guard) -> (guard, the ComfyUI function it wraps), for each installed guard; empty when not installed
+_guards: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
 def _held_entries() -> list[Any]:
     """ComfyUI's entries for every weight a live scope holds."""
     return [entry for holding in table.held() if not holding.forced_off for entry in registered_entries(holding.key)]
 
 
-def _guard_comfyui() -> None:
-    """Make ComfyUI's own memory management respect live scopes, and serialize it with ondevice's moves.
-
-    ``free_memory`` (which ``load_models_gpu``, ``unload_all_models``, ``vae.decode``
-    ... call to make room) gets every held entry added to its ``keep_loaded``, so
-    ComfyUI never evicts what a scope holds; both functions take the residency
-    table's lock, because ComfyUI's loaded-model list has none.  This is the one
-    place ondevice wraps ComfyUI functions; ``keep_loaded`` is ComfyUI's own
-    mechanism, its callers just do not know what ondevice holds.
-    """
-    free_memory, load_models_gpu = mm.free_memory, mm.load_models_gpu
-    if getattr(free_memory, "__ondevice_guard__", False):
-        return
-
+def _guard_free_memory(free_memory: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(free_memory)
     def guarded_free_memory(memory_required: Any, device: Any, keep_loaded: Any = (), *args: Any, **kwargs: Any) -> Any:
         with table.lock:
+            _relock_held()
             keep = [*keep_loaded, *_held_entries()]
-            return free_memory(memory_required, device, keep, *args, **kwargs)
+            return free_memory(memory_required, device, keep, *args, **kwargs)  # for_dynamic, pins_required, ...
 
+    return guarded_free_memory
+
+
+def _guard_load_models_gpu(load_models_gpu: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_models_gpu)
     def guarded_load_models_gpu(*args: Any, **kwargs: Any) -> Any:
         with table.lock:
             return load_models_gpu(*args, **kwargs)
 
-    for guard in (guarded_free_memory, guarded_load_models_gpu):
-        guard.__ondevice_guard__ = True  # type: ignore[attr-defined]
-    mm.free_memory, mm.load_models_gpu = guarded_free_memory, guarded_load_models_gpu
+    return guarded_load_models_gpu
+
+
+def _replace_everywhere(replacements: dict[int, tuple[Callable[..., Any], Callable[..., Any]]]) -> None:
+    """In every loaded module's namespace, replace each ``old`` of ``{id(old): (old, new)}`` with its ``new``."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attribute, value in list(namespace.items()):
+            found = replacements.get(id(value))
+            if found is not None and found[0] is value:
+                setattr(module, attribute, found[1])
+
+
+def install_guard() -> None:
+    """Make ComfyUI's own memory management respect live scopes, and serialize it with ondevice's moves.
+
+    Wraps ``comfy.model_management.free_memory`` and ``load_models_gpu``, the
+    one change ondevice makes to ComfyUI; importing ComfyUI's strategies (the
+    first scope over a ComfyUI object) calls it.
+
+    - ``free_memory`` (which ``load_models_gpu``, ``unload_all_models``,
+      ``vae.decode`` ... call to make room) gets every held entry added to its
+      ``keep_loaded``, ComfyUI's own veto, so ComfyUI never evicts what a scope
+      holds; it first locks held dynamic-VRAM weights against comfy-aimdo again
+      (ComfyUI's executor resets those locks after every node).  Every other
+      argument (``for_dynamic``, ``pins_required``, ``ram_required``, ...)
+      passes through unchanged.
+    - Both take the residency table's lock, because ComfyUI's loaded-model
+      list has none.
+
+    Copies of the two functions that other modules imported by name (``from
+    comfy.model_management import free_memory``) are replaced too.  Idempotent;
+    thread-safe.  Undo with :func:`remove_guard`.
+
+    Example::
+
+        from ondevice.strategies.comfy import install_guard, remove_guard
+
+        remove_guard()  # ComfyUI's functions exactly as they were
+        install_guard()  # guarded again
+    """
+    with table.lock:
+        if _guards:
+            return
+        originals = {name: getattr(mm, name) for name in _GUARDED}
+        if any(hasattr(function, "__ondevice_guard__") for function in originals.values()):
+            return  # guarded by another copy of this module (reloaded); that copy owns the undo
+        guards = {
+            "free_memory": _guard_free_memory(originals["free_memory"]),
+            "load_models_gpu": _guard_load_models_gpu(originals["load_models_gpu"]),
+        }
+        for guard in guards.values():
+            guard.__ondevice_guard__ = True  # type: ignore[attr-defined]
+        _replace_everywhere({id(originals[name]): (originals[name], guards[name]) for name in _GUARDED})
+        _guards.update({id(guards[name]): (guards[name], originals[name]) for name in _GUARDED})
+
+
+def remove_guard() -> None:
+    """Undo :func:`install_guard`: ComfyUI's ``free_memory`` and ``load_models_gpu`` are its own again.
+
+    Every module attribute that holds a guard (``comfy.model_management``'s,
+    and copies imported by name before or after the guard was installed) gets
+    the original function back.  An attribute that someone else replaced
+    meanwhile (a wrapper around the guard) is left as it is.  Afterwards
+    ComfyUI may evict what live scopes hold; they load it back at their next
+    entry or exit.  Idempotent; thread-safe; :func:`install_guard` puts the
+    guard back.
+    """
+    with table.lock:
+        _replace_everywhere(dict(_guards))
+        _guards.clear()
+
+
+def _kept_by_comfyui(device: torch.device) -> int:
+    """Bytes of the weights ComfyUI's loaded-model list keeps on ``device`` (its cache between nodes)."""
+    patchers = [entry.model for entry in list(mm.current_loaded_models) if entry.device == device]
+    return sum(int(patcher.loaded_size()) for patcher in patchers if patcher is not None)
 
 
 def _register() -> None:
@@ -287,7 +517,8 @@ def _register() -> None:
     register_strategy(comfy.sd.CLIP, CLIPStrategy())
     register_strategy(comfy.clip_vision.ClipVisionModel, ClipVisionStrategy())
     register_strategy(comfy.controlnet.ControlBase, ControlNetStrategy())
-    _guard_comfyui()
+    count_kept_elsewhere(_kept_by_comfyui)  # what ComfyUI keeps loaded is not memory a scope left behind
+    install_guard()
 
 
 _register()
