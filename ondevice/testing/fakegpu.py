@@ -22,7 +22,10 @@ What behaves like CUDA:
 
 Thread semantics: the backend is process-wide.  The ledger and the counters
 are guarded by one lock; releases found by the garbage collector are queued
-and applied at the next query, so every query sees exact numbers.
+and applied at the next query, so every query sees exact numbers.  The
+ledger stays exact when a ``KeyboardInterrupt`` lands anywhere, in its own
+bookkeeping too: each change is applied by one C call and a queued release
+is removed only once applied.
 
 Known limitations:
 
@@ -117,16 +120,40 @@ stats = FakeGPUStats()
 # --------------------------------------------------------------------------- devices and memory
 
 
+class _Token(weakref.ref["FakeGPUTensor"]):
+    """A weak reference to one fake tensor, its key in the ledger's books.
+
+    Its callback is ``deque.append``: one C call, so the release it queues is
+    never half done, whatever a signal handler raises.  Hashed and compared by
+    identity, so the dict operations that use it run no Python code either.
+    """
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+_Books = dict[object, Any]
+
+
 class _Ledger:
-    """Live fake-device storages, keyed by the CPU storage behind them, with a refcount each."""
+    """Live fake-device storages, keyed by the CPU storage behind them, with a count of tensors using each.
+
+    The books are one dict: each tracked tensor's :class:`_Token` -> the storage key it is charged to,
+    ``("storage", key)`` -> ``(index, nbytes, tensors)``, and ``("device", index)`` -> bytes allocated.
+    Every change is staged in a separate dict and applied by a single ``dict.update``, and a dead
+    tensor's token leaves the release queue only after its release is applied (a release applied
+    twice finds nothing the second time).  So a ``KeyboardInterrupt`` raised between any two
+    bytecodes, here or in a finalizer, leaves the books either before or after a change, never
+    halfway, and never loses a release.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._entries: dict[int, list[int]] = {}  # storage key -> [index, nbytes, refs]
-        self._allocated: dict[int, int] = collections.defaultdict(int)
+        self._books: _Books = {}
+        self._dead: collections.deque[_Token] = collections.deque()  # tokens of dead tensors, appended by C
         self._limits: dict[int, int] = {}
         self._default_limit = DEFAULT_MEMORY
-        self._pending: collections.deque[int] = collections.deque()
         self.device_count = 1
         self.current = 0
 
@@ -144,60 +171,77 @@ class _Ledger:
     def allocated(self, index: int) -> int:
         with self._lock:
             self._drain()
-            return self._allocated[index]
+            return int(self._books.get(("device", index), 0))
 
     def check(self, index: int, nbytes: int) -> None:
         """Raise :class:`torch.OutOfMemoryError` if ``nbytes`` more would not fit on ``index``."""
         with self._lock:
             self._drain()
-            free = self.limit(index) - self._allocated[index]
-            if nbytes > free:
-                raise torch.OutOfMemoryError(_oom_message(index, nbytes, self.limit(index), free))
+            self._check(self._books, index, nbytes)
+
+    def _check(self, staged: _Books, index: int, nbytes: int) -> None:
+        free = self.limit(index) - self._read(staged, ("device", index), 0)
+        if nbytes > free:
+            raise torch.OutOfMemoryError(_oom_message(index, nbytes, self.limit(index), free))
 
     def track(self, tensor: FakeGPUTensor) -> None:
-        """Count ``tensor``'s storage (once per storage) until the last tensor using it dies."""
+        """Charge ``tensor``'s storage (once per storage) until the last tensor using it dies.
+
+        Called again after an in-place op changed the tensor's storage or its size
+        (``resize_``, ``out=``, ``set_``), it moves the tensor's charge to what it uses now.
+        """
+        token = tensor._fakegpu_token
+        if token is None or token() is not tensor:
+            token = _Token(tensor, self._dead.append)
+            tensor._fakegpu_token = token  # charged below; uncharged, its release finds nothing
         storage = tensor.elem.untyped_storage()
-        nbytes = storage.nbytes()
-        if nbytes == 0:
-            return
-        key = int(storage._cdata)
-        index = _index_of(tensor)
+        key, nbytes = int(storage._cdata), storage.nbytes()
         with self._lock:
             self._drain()
-            entry = self._entries.get(key)
-            if entry is None:
-                self.check(index, nbytes)
-                self._entries[key] = [index, nbytes, 1]
-                self._allocated[index] += nbytes
-            else:
-                self._grow(entry, nbytes)
-                entry[2] += 1
-        release = weakref.finalize(tensor, self._pending.append, key)
-        release.atexit = False
-        tensor._fakegpu_release = release
-
-    def _grow(self, entry: list[int], nbytes: int) -> None:
-        """An in-place op (``resize_``, ``out=``) enlarged a tracked storage: count the difference."""
-        if nbytes > entry[1]:
-            self.check(entry[0], nbytes - entry[1])
-            self._allocated[entry[0]] += nbytes - entry[1]
-            entry[1] = nbytes
-
-    def retrack(self, tensor: FakeGPUTensor) -> None:
-        """Account again after an in-place op changed the storage or its size."""
-        release = getattr(tensor, "_fakegpu_release", None)
-        if release is not None:
-            release()
-        self.track(tensor)
+            staged: _Books = {}
+            self._stage_release(staged, token)
+            if nbytes:
+                self._stage_charge(staged, token, key, _index_of(tensor), nbytes)
+            self._apply(staged)
 
     def _drain(self) -> None:
-        while self._pending:
-            key = self._pending.popleft()
-            entry = self._entries[key]
-            entry[2] -= 1
-            if entry[2] == 0:
-                del self._entries[key]
-                self._allocated[entry[0]] -= entry[1]
+        """Apply the releases of tensors that died since the last call."""
+        while self._dead:
+            token = self._dead[0]  # leaves the queue only once its release is applied
+            staged: _Books = {}
+            self._stage_release(staged, token)
+            self._apply(staged)
+            self._books.pop(token, None)
+            self._dead.popleft()
+
+    def _read(self, staged: _Books, key: object, default: Any = None) -> Any:
+        return staged[key] if key in staged else self._books.get(key, default)
+
+    def _stage_release(self, staged: _Books, token: _Token) -> None:
+        key = self._read(staged, token)
+        if key is None:
+            return  # never charged, or released already
+        index, nbytes, tensors = self._read(staged, ("storage", key))
+        staged[token] = None
+        if tensors > 1:
+            staged["storage", key] = (index, nbytes, tensors - 1)
+        else:
+            staged["storage", key] = None
+            staged["device", index] = self._read(staged, ("device", index), 0) - nbytes
+
+    def _stage_charge(self, staged: _Books, token: _Token, key: int, index: int, nbytes: int) -> None:
+        index, counted, tensors = self._read(staged, ("storage", key)) or (index, 0, 0)
+        grown = max(nbytes - counted, 0)  # an in-place op (resize_, out=) may have enlarged the storage
+        if grown:
+            self._check(staged, index, grown)
+            staged["device", index] = self._read(staged, ("device", index), 0) + grown
+        staged["storage", key] = (index, counted + grown, tensors + 1)
+        staged[token] = key
+
+    def _apply(self, staged: _Books) -> None:
+        self._books.update(staged)  # the one step that changes the books: a single C call
+        for key in [key for key, value in staged.items() if value is None]:
+            self._books.pop(key, None)  # None and absent mean the same; this keeps the dict small
 
 
 _ledger = _Ledger()
@@ -334,7 +378,7 @@ class FakeGPUTensor(torch.Tensor):
     """A tensor on ``fakegpu:N`` whose data is the CPU tensor ``elem``."""
 
     elem: torch.Tensor
-    _fakegpu_release: weakref.finalize[Any, Any] | None
+    _fakegpu_token: _Token | None
     __torch_function__: ClassVar[Any] = torch._C._disabled_torch_function_impl
 
     @staticmethod
@@ -350,7 +394,7 @@ class FakeGPUTensor(torch.Tensor):
             requires_grad=False,
         )
         tensor.elem = elem
-        tensor._fakegpu_release = None
+        tensor._fakegpu_token = None
         return tensor
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
@@ -544,7 +588,7 @@ def _sync_metadata(tensor: FakeGPUTensor) -> None:
         aten.set_.source_Storage_storage_offset.redispatch(
             _META, tensor, tensor.untyped_storage(), elem.storage_offset(), elem.size(), elem.stride()
         )
-    _ledger.retrack(tensor)
+    _ledger.track(tensor)
 
 
 def _to_copy(src: FakeGPUTensor, **kwargs: Any) -> torch.Tensor:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
 import copy
 import gc
 import pickle
+import random
 import re
+import signal
+import sys
+import threading
+import time
+import types
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -335,3 +343,142 @@ def test_install_is_idempotent() -> None:
     fakegpu.install()
     assert fakegpu.is_installed()
     assert torch._C._get_privateuse1_backend_name() == "fakegpu"
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+class _Interrupter:
+    """A SIGINT handler that raises KeyboardInterrupt only while armed (and disarms itself when it does)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.raised = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.armed:
+            self.armed = False
+            self.raised += 1
+            raise KeyboardInterrupt
+
+
+def _churn(live: list[torch.Tensor], rng: random.Random, device: str) -> None:
+    """Allocate, view, grow in place, drop and query fake tensors: every path of the ledger."""
+    for _ in range(50):
+        choice = rng.random()
+        if choice < 0.4 or not live:
+            live.append(torch.empty(rng.randrange(1, 2048), device=device))
+        elif choice < 0.5:
+            live.append(live[rng.randrange(len(live))][:1])  # a view: shares its base's storage
+        elif choice < 0.6:
+            live[rng.randrange(len(live))].resize_(rng.randrange(1, 4096))  # may grow the storage: retrack
+        elif choice < 0.95:
+            del live[rng.randrange(len(live))]  # the finalizer runs here, or at a later gc
+        else:
+            fakegpu.memory_allocated(device)
+        if len(live) > 64:
+            del live[:32]
+
+
+def test_keyboard_interrupts_anywhere_keep_memory_exact() -> None:
+    """KeyboardInterrupts landing anywhere, in the ledger's bookkeeping and finalizers too, lose no byte."""
+    interrupter = _Interrupter()
+    previous_handler = signal.signal(signal.SIGINT, interrupter)
+    previous_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the interrupting thread run often
+    stop = threading.Event()
+
+    def interrupt_periodically() -> None:
+        while not stop.wait(0.0002):
+            _thread.interrupt_main()
+
+    thread = threading.Thread(target=interrupt_periodically, daemon=True)
+    live: list[torch.Tensor] = []
+    rng = random.Random(0)
+    _churn(live, rng, F1)  # torch's lazy set-up of these ops runs before any interrupt
+    thread.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                interrupter.armed = True
+                _churn(live, rng, F1)
+                interrupter.armed = False
+            except KeyboardInterrupt:
+                pass
+    finally:
+        interrupter.armed = False
+        stop.set()
+        thread.join(timeout=10)
+        sys.setswitchinterval(previous_interval)
+        _run_pending_handlers()
+        signal.signal(signal.SIGINT, previous_handler)
+    assert interrupter.raised > 100  # the interrupts did land
+    live.clear()
+    assert allocated(1) == 0
+
+
+def _run_pending_handlers() -> None:
+    """Python runs a pending signal handler when a function starts; this call is that point."""
+
+
+class _InterruptAt:
+    """A tracer that raises KeyboardInterrupt before the ``n``-th bytecode run in the fake GPU or a finalizer."""
+
+    files = frozenset({fakegpu.__file__, weakref.__file__})
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = 0
+
+    def __call__(self, frame: types.FrameType, event: str, arg: object) -> _InterruptAt | None:
+        if frame.f_code.co_filename not in self.files:
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            self.seen += 1
+            if self.seen == self.n:
+                raise KeyboardInterrupt
+        return self
+
+
+def _ledger_workout(ledger: fakegpu._Ledger) -> None:
+    """Charge, share, grow, release and query: each step of a ledger's bookkeeping once."""
+    a = fakegpu.FakeGPUTensor(torch.empty(100), 1)
+    ledger.track(a)
+    b = fakegpu.FakeGPUTensor(a.elem[:10], 1)  # shares a's storage: counted once
+    ledger.track(b)
+    a.elem.resize_(1000)  # grows the shared storage in place
+    ledger.track(a)
+    c = fakegpu.FakeGPUTensor(torch.empty(5), 1)
+    ledger.track(c)
+    assert ledger.allocated(1) == 4020
+    del a
+    ledger.check(1, 8)
+    del b
+    assert ledger.allocated(1) == 20
+    del c
+    assert ledger.allocated(1) == 0
+
+
+def test_keyboard_interrupt_before_any_bytecode_keeps_the_books_exact() -> None:
+    """A KeyboardInterrupt before any single bytecode of the ledger's work leaves its books exact."""
+    _ledger_workout(fakegpu._Ledger())
+    previous_tracer = sys.gettrace()
+    n = 0
+    while True:
+        n += 1
+        ledger, tracer = fakegpu._Ledger(), _InterruptAt(n)
+        sys.settrace(tracer)
+        try:
+            _ledger_workout(ledger)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(previous_tracer)
+        if ledger.allocated(1):
+            gc.collect()  # only if a reference cycle holds a tensor still
+        assert ledger.allocated(1) == 0, f"{ledger.allocated(1)} bytes drifted after an interrupt at bytecode {n}"
+        if tracer.seen < n:  # the workout ran to its end: every bytecode was a landing place once
+            break
+    assert n > 100
