@@ -9,8 +9,8 @@ text encoders' ``initial_device`` option; the smart-memory switch that makes
 offload whatever still landed elsewhere.  When they return, every weight is
 on the CPU and none is in ComfyUI's list.
 
-Files are checked before ComfyUI reads them, so a missing, empty, truncated,
-or foreign file gets a clear error naming it.
+Files are checked before ComfyUI reads them (:mod:`ondevice.files`), so a missing,
+empty, truncated, malformed or foreign file gets a clear error naming it.
 
 Thread semantics: loads are serialized by a process-wide lock and hold the
 residency table's lock while they switch ComfyUI's module-level memory mode,
@@ -20,9 +20,7 @@ so no scope and no guarded ComfyUI memory call runs meanwhile.
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import struct
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -36,14 +34,14 @@ from ondevice.comfyui import import_comfy
 from ondevice.devices import CPU
 from ondevice.errors import (
     CheckpointError,
-    CheckpointIsADirectoryError,
-    CheckpointNotFoundError,
     InvalidArgumentError,
     MissingWeightsError,
     UnknownModelError,
 )
+from ondevice.files import FileInfo, check_file
 from ondevice.placement import offload
 from ondevice.residency import table
+from ondevice.strategies import Expand, register_strategy
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_diffusion_model", "load_text_encoders", "load_vae"]
 
@@ -60,79 +58,16 @@ class Checkpoint(NamedTuple):
     clipvision: Any
 
 
-class _FileInfo(NamedTuple):
-    safetensors: bool
-    keys: list[str]
+def _components(ckpt: Checkpoint) -> list[Any]:
+    """The components a checkpoint has; ``on_gpu(ckpt)`` moves them all."""
+    components = [component for component in ckpt if component is not None]
+    if not components:
+        msg = "this Checkpoint has no components (every field is None), so it has no weights to move"
+        raise MissingWeightsError(msg)
+    return components
 
 
-def _check_file(path: str | os.PathLike[str], what: str) -> tuple[Path, _FileInfo]:
-    """Validate ``path`` as a checkpoint file; raise a clear error naming it if it is not one."""
-    file = Path(path)
-    if not file.exists():
-        msg = f"{what} {str(file)!r} does not exist; check the path"
-        raise CheckpointNotFoundError(msg)
-    if file.is_dir():
-        msg = f"{what} {str(file)!r} is a directory; pass the path of a .safetensors (or .ckpt) file inside it"
-        raise CheckpointIsADirectoryError(msg)
-    size = file.stat().st_size
-    if size == 0:
-        msg = f"{what} {str(file)!r} is empty (0 bytes); the download or copy did not finish"
-        raise CheckpointError(msg)
-    with file.open("rb") as handle:
-        head = handle.read(8)
-        if _is_torch_pickle(head):
-            return file, _FileInfo(safetensors=False, keys=[])
-        keys = _safetensors_keys(file, handle, head, size, what)
-    return file, _FileInfo(safetensors=True, keys=keys)
-
-
-def _is_torch_pickle(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
-def _safetensors_keys(file: Path, handle: Any, head: bytes, size: int, what: str) -> list[str]:
-    not_ckpt = f"{what} {str(file)!r} is not a checkpoint: it is neither a safetensors file nor a torch checkpoint"
-    if len(head) < 8:
-        raise CheckpointError(not_ckpt)
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len == 0 or header_len > 100 * 2**20:
-        raise CheckpointError(not_ckpt)
-    if header_len > size - 8:
-        msg = f"{what} {str(file)!r} is truncated inside its safetensors header; download or copy it again"
-        raise CheckpointError(msg)
-    try:
-        header = json.loads(handle.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(not_ckpt) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(not_ckpt)
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if not all(_is_tensor_entry(v) for v in tensors.values()):
-        raise CheckpointError(not_ckpt)
-    end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    if 8 + header_len + end > size:
-        msg = (
-            f"{what} {str(file)!r} is truncated: its header describes {8 + header_len + end} bytes "
-            f"but the file has {size}; download or copy it again"
-        )
-        raise CheckpointError(msg)
-    return list(tensors)
-
-
-def _is_tensor_entry(entry: object) -> bool:
-    """A safetensors header entry: ``{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}``."""
-    if not isinstance(entry, dict):
-        return False
-    offsets, shape = entry.get("data_offsets"), entry.get("shape")
-    return (
-        isinstance(entry.get("dtype"), str)
-        and isinstance(shape, list)
-        and all(isinstance(n, int) and n >= 0 for n in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(n, int) for n in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    )
+register_strategy(Checkpoint, Expand(_components))
 
 
 def _prefixes(keys: list[str]) -> str:
@@ -175,11 +110,24 @@ def _settle(*components: Any) -> None:
             continue  # nothing to move; _require() reports it if it was asked for
 
 
-def _safe_state_dict(file: Path, info: _FileInfo, what: str) -> dict[str, torch.Tensor]:
+@contextmanager
+def _read_errors_named(file: Path, what: str) -> Iterator[None]:
+    """Name the file in an error safetensors raises while reading it (say, a dtype this torch lacks)."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+
+    try:
+        yield
+    except SafetensorError as exc:
+        msg = f"{what} {str(file)!r} could not be read by safetensors: {exc}"
+        raise CheckpointError(msg) from exc
+
+
+def _safe_state_dict(file: Path, info: FileInfo, what: str) -> dict[str, torch.Tensor]:
     if info.safetensors:
         import safetensors.torch  # noqa: PLC0415
 
-        return safetensors.torch.load_file(str(file), device="cpu")
+        with _read_errors_named(file, what):
+            return safetensors.torch.load_file(str(file), device="cpu")
     try:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch.load raises pickle, zip, EOF and runtime errors alike)
@@ -216,7 +164,7 @@ def load_checkpoint(
         with ondevice.on_gpu(ckpt.model):
             ...
     """
-    file, info = _check_file(path, "checkpoint")
+    file, info = check_file(path, "checkpoint")
     mm = import_comfy()
     import comfy.sd  # noqa: PLC0415
 
@@ -228,7 +176,7 @@ def load_checkpoint(
         "model_options": dict(model_options or {}),
         "te_model_options": _te_options(te_model_options),
     }
-    with _cpu_first(mm):
+    with _cpu_first(mm), _read_errors_named(file, "checkpoint"):
         try:
             if info.safetensors and file.suffix.lower() in _SAFETENSORS_SUFFIXES:
                 out = comfy.sd.load_checkpoint_guess_config(str(file), **kwargs)
@@ -271,7 +219,7 @@ def _require(ckpt: Checkpoint, file: Path, *, vae: bool, clip: bool) -> None:
 
 def load_diffusion_model(path: str | os.PathLike[str], *, model_options: dict[str, Any] | None = None) -> Any:
     """Load a diffusion-model-only file (UNet / DiT) as a ``ModelPatcher`` on the CPU, unregistered."""
-    file, info = _check_file(path, "diffusion model file")
+    file, info = check_file(path, "diffusion model file")
     mm = import_comfy()
     import comfy.sd  # noqa: PLC0415
 
@@ -290,7 +238,7 @@ def load_diffusion_model(path: str | os.PathLike[str], *, model_options: dict[st
 
 def load_vae(path: str | os.PathLike[str]) -> Any:
     """Load a VAE file as a ``comfy.sd.VAE`` on the CPU, unregistered."""
-    file, info = _check_file(path, "VAE file")
+    file, info = check_file(path, "VAE file")
     import_comfy()
     import comfy.sd  # noqa: PLC0415
 
@@ -319,7 +267,7 @@ def load_text_encoders(
     if not paths:
         msg = "load_text_encoders(): pass at least one text-encoder file path"
         raise InvalidArgumentError(msg)
-    checked = [_check_file(p, "text encoder file") for p in paths]
+    checked = [check_file(p, "text encoder file") for p in paths]
     mm = import_comfy()
     import comfy.sd  # noqa: PLC0415
 
