@@ -46,7 +46,7 @@ demo: .venv/.ondevice-ready
 
 # The whole matrix, one suite per ComfyUI version, then a table of the results.
 test: .venv/.ondevice-ready .venv-comfyui/.ondevice-ready $(foreach v,$(SNAPSHOTS),.cache/comfyui/comfyui-$(v)/.extracted)
-	.venv/bin/python scripts/test_matrix.py --pytest-args "$(PYTEST_ARGS)" \
+	.venv/bin/python scripts/test_matrix.py --pytest-args="$(PYTEST_ARGS)" \
 	  notcomfy=.venv/bin/python \
 	  $(foreach v,$(SNAPSHOTS),$(v)=.venv-comfyui/bin/python@.cache/comfyui/comfyui-$(v))
 
