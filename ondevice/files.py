@@ -45,10 +45,11 @@ def check_file(path: str | os.PathLike[str], what: str) -> tuple[Path, FileInfo]
         msg = f"{what} {str(file)!r} is empty (0 bytes); the download or copy did not finish"
         raise CheckpointError(msg)
     with file.open("rb") as handle:
-        head = handle.read(8)
-        if _is_torch_pickle(head):
+        head = handle.read(9)
+        if _is_torch_pickle(head, size):
             return file, FileInfo(safetensors=False, keys=[])
-        keys = _safetensors_keys(file, handle, head, size, what)
+        handle.seek(8)
+        keys = _safetensors_keys(file, handle, head[:8], size, what)
     return file, FileInfo(safetensors=True, keys=keys)
 
 
@@ -68,7 +69,14 @@ def _unreachable(file: Path, what: str, exc: OSError) -> CheckpointError | Check
     return CheckpointNotFoundError(f"{name} does not exist; check the path")
 
 
-def _is_torch_pickle(head: bytes) -> bool:
+def _is_torch_pickle(head: bytes, size: int) -> bool:
+    """A torch checkpoint (``torch.save``'s zip, or a legacy pickle) rather than a safetensors file.
+
+    A safetensors file starts with its header's length, a little-endian u64 whose low byte can be
+    0x80, a pickle's first byte: the JSON object after it tells the two apart.
+    """
+    if len(head) == 9 and head[8:] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
