@@ -9,7 +9,12 @@ ones only count; the last release offloads.  A later claim through a part
 whose weights differ (a ComfyUI clone with other patches, say a LoRA) makes
 that part the holding's current ``part`` until it is released, and the
 latest claim still live is loaded back then.  Every claim points its part at the device (``point_at``);
-the originals are restored when the weights leave the device.
+the originals are restored when the weights leave the device.  The table only handles
+:class:`~ondevice.strategies.Part` objects (others are adapted by :func:`~ondevice.strategies.as_part`
+on the way in) and calls their methods directly.
+
+Every ``load`` and ``offload`` the table performs emits one :class:`~ondevice.events.MoveEvent`
+(while any listener is registered; see :mod:`ondevice.events`).
 
 After every acquire and release the table checks that each weight still held
 is on its device and reloads any that something evicted.  An acquire that
@@ -41,7 +46,10 @@ load the same weights twice, and weights that a live scope holds are never
 offloaded by another.  A waiting acquire releases the lock while it waits.
 ComfyUI's ``load_models_gpu`` and ``free_memory`` take
 the same lock once ComfyUI's strategies are in use (see
-:mod:`ondevice.strategies.comfy`).
+:mod:`ondevice.strategies.comfy`).  Move events are held back while the moving
+thread holds the lock and reach listeners, on that thread, as soon as its
+outermost hold ends (a scope's entry returns only after that), so listeners
+never run under the lock.
 """
 
 from __future__ import annotations
@@ -51,14 +59,18 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from ondevice import devices, events
+from ondevice.devices import CPU
 from ondevice.errors import OnDeviceError, ResidencyConflictError
-from ondevice.strategies import Part
+from ondevice.events import MoveEvent
+from ondevice.strategies import Part, as_part
+from ondevice.strategies.module import placement
 
 __all__ = ["Claim", "Holding", "Owner", "ResidencyTable", "table"]
 
@@ -130,25 +142,68 @@ class _Wait:
     device: torch.device
 
 
-def _same_weights(a: Part, b: Part) -> bool:
-    """Whether loading ``b`` would put exactly ``a``'s weights on the device (same patches)."""
-    if a is b:
-        return True
-    same = getattr(a, "same_weights", None)
-    return bool(same(b)) if callable(same) else True
+class _TableLock:
+    """The table's re-entrant lock; move events made under it reach listeners when this thread's outermost hold ends.
+
+    Used like ``threading.RLock`` (``with table.lock:``); ``rlock`` is the lock itself (for a ``Condition``).
+    """
+
+    def __init__(self) -> None:
+        self.rlock = threading.RLock()
+        self._local = threading.local()  # depth: this thread's holds; pending: its events not yet delivered
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:  # noqa: FBT001, FBT002  (RLock's signature)
+        """Take the lock (again, on the thread that holds it)."""
+        got = self.rlock.acquire(blocking, timeout)
+        if got:
+            self._local.depth = getattr(self._local, "depth", 0) + 1
+        return got
+
+    def release(self) -> None:
+        """Give one hold back; the outermost delivers this thread's pending move events, the lock released."""
+        self.rlock.release()  # RuntimeError where this thread does not hold it
+        self._local.depth -= 1
+        if self._local.depth == 0:
+            pending = getattr(self._local, "pending", None)
+            if pending:
+                self._local.pending = []
+                for event in pending:
+                    events.emit(event)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def defer(self, event: MoveEvent) -> None:
+        """Deliver ``event`` once this thread's outermost hold ends (call it with the lock held)."""
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            pending = self._local.pending = []
+        pending.append(event)
 
 
-def _point_at(part: Part, device: torch.device) -> None:
-    point_at = getattr(part, "point_at", None)
-    if callable(point_at):
-        point_at(device)
+def _on(device: torch.device, target: torch.device) -> bool:
+    """Whether ``device`` is ``target`` (an index-less target matches any index)."""
+    return device.type == target.type and (target.index is None or device.index == target.index)
 
 
-def _restore_pointers(parts: Iterable[Part]) -> None:
-    for part in parts:
-        restore = getattr(part, "restore", None)
-        if callable(restore):
-            restore()
+def _event(part: Part, target: torch.device, before: dict[torch.device, int], seconds: float) -> MoveEvent:
+    """The event of ``part``'s move to ``target``: from where most of its bytes were ``before``."""
+    elsewhere = {device: size for device, size in before.items() if not _on(device, target)}
+    source = max(elsewhere, key=elsewhere.__getitem__) if elsewhere else target
+    nbytes = sum(size for device, size in placement(part.tensors()).items() if _on(device, target))
+    return MoveEvent(
+        component=repr(part),
+        source=source,
+        target=target,
+        nbytes=nbytes,
+        seconds=seconds,
+        pinned=False,
+        stream=None,
+        path=part.path,
+    )
 
 
 class ResidencyTable:
@@ -158,8 +213,8 @@ class ResidencyTable:
     """A waiting acquire logs a warning each time it has waited this long."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self._released = threading.Condition(self.lock)  # notified whenever a claim is released
+        self.lock = _TableLock()
+        self._released = threading.Condition(self.lock.rlock)  # notified whenever a claim is released
         self._held: dict[int, Holding] = {}
         self._waiting: dict[int, _Wait] = {}  # thread ident -> what that thread waits to acquire
         self._order = itertools.count()
@@ -178,6 +233,7 @@ class ResidencyTable:
         where that wait could never end.
         """
         owner = Owner.current()
+        parts = [as_part(part) for part in parts]
         claims: list[Claim] = []
         with self.lock:
             self._wait_for_other_patches(_Wait(owner, parts, device))
@@ -219,14 +275,15 @@ class ResidencyTable:
 
     def force_offload(self, part: Part) -> None:
         """Move ``part`` to the CPU now; a scope holding it keeps counting, and a new claim loads it again."""
+        part = as_part(part)
         with self.lock:
             holding = self._held.get(id(part.key))
             if holding is None:
-                part.offload()
+                self._offload(part)
                 return
             log.warning("ondevice: offload() of %r while a scope holds it; it stays on the CPU", part)
             holding.forced_off = True
-            holding.part.offload()
+            self._offload(holding.part)
 
     def _wait_for_other_patches(self, wait: _Wait) -> None:
         """Return once no owner beside ``wait.owner`` holds other patches of these weights; raise if never."""
@@ -270,7 +327,7 @@ class ResidencyTable:
             if holding is None or holding.device != wait.device:
                 continue  # a claim on another device is refused in _claim
             for held, owner in zip(holding.claims, holding.owners, strict=True):
-                if owner.runs_beside(wait.owner) and not _same_weights(held, part):
+                if owner.runs_beside(wait.owner) and not held.same_weights(part):
                     found.append(_Conflict(part, held, owner))
         return found
 
@@ -304,11 +361,11 @@ class ResidencyTable:
     def _claim(self, part: Part, device: torch.device, owner: Owner) -> Claim:
         holding = self._held.get(id(part.key))
         if holding is None:
-            _point_at(part, device)
+            part.point_at(device)
             try:
-                part.load(device)
+                self._load(part, device)
             except BaseException:
-                _restore_pointers([part])
+                part.restore()
                 raise
             holding = Holding(device=device, key=part.key, order=next(self._order), part=part)
             holding.claims.append(part)
@@ -322,14 +379,32 @@ class ResidencyTable:
                 f"use device={str(holding.device)!r} or exit the other scope first"
             )
             raise ResidencyConflictError(msg)
-        _point_at(part, device)
+        part.point_at(device)
         holding.pointed.append(part)
-        if holding.forced_off or not _same_weights(holding.part, part):
-            part.load(device)  # a clone with other patches: its weights are the ones on the device now
+        if holding.forced_off or not holding.part.same_weights(part):
+            self._load(part, device)  # a clone with other patches: its weights are the ones on the device now
             holding.part, holding.forced_off = part, False
         holding.claims.append(part)
         holding.owners.append(owner)
         return Claim(holding, part)
+
+    def _load(self, part: Part, device: torch.device) -> None:
+        self._move(part, device, lambda: part.load(device))
+
+    def _offload(self, part: Part) -> None:
+        self._move(part, CPU, part.offload)
+
+    def _move(self, part: Part, target: torch.device, move: Callable[[], None]) -> None:
+        """Run one move; while anyone listens, time it and queue its :class:`MoveEvent` (a failed move has none)."""
+        if not events.listening():
+            move()
+            return
+        before = placement(part.tensors())
+        started = time.perf_counter()
+        move()
+        for device in {target, *before}:
+            devices.synchronize(device)  # the copies are done, not only queued, when the clock stops
+        self.lock.defer(_event(part, target, before, time.perf_counter() - started))
 
     def _release_all(self, claims: Iterable[Claim]) -> None:
         first: BaseException | None = None
@@ -355,21 +430,22 @@ class ResidencyTable:
         if holding.claims:
             if holding.part is claim.part:
                 successor = holding.claims[-1]  # the latest claim still live decides the patches
-                if not holding.forced_off and not _same_weights(claim.part, successor):
-                    successor.load(holding.device)
+                if not holding.forced_off and not claim.part.same_weights(successor):
+                    self._load(successor, holding.device)
                 holding.part = successor
             return
         del self._held[id(holding.key)]
         try:
-            claim.part.offload()
+            self._offload(claim.part)
         finally:
-            _restore_pointers(reversed(holding.pointed))
+            for part in reversed(holding.pointed):
+                part.restore()
 
     def _restore(self) -> None:
         for holding in sorted(self._held.values(), key=lambda h: h.order):
             if not holding.forced_off and not holding.part.is_on(holding.device):
                 log.info("ondevice: %r was evicted from %s; loading it back", holding.part, holding.device)
-                holding.part.load(holding.device)
+                self._load(holding.part, holding.device)
 
     def _restore_quietly(self) -> None:
         try:

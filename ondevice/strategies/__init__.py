@@ -2,9 +2,14 @@
 
 A *strategy* turns a user-facing component (a ComfyUI ``VAE``, a
 ``ModelPatcher``, a plain ``nn.Module``, ...) into one or more *parts*.  A
-part is the unit the residency table counts and moves: it names the weights
-it owns (``key``; ComfyUI clones share one ``nn.Module``, so they share a key)
-and knows how to ``load`` them onto a device and ``offload`` them to the CPU.
+part (a subclass of :class:`Part`) is the unit the residency table counts and
+moves: it names the weights it owns (``key``; ComfyUI clones share one
+``nn.Module``, so they share a key) and knows how to ``load`` them onto a
+device and ``offload`` them to the CPU.  What a part need not do has a no-op
+default on :class:`Part`, so the table calls every method directly.  A part
+of a user's strategy that does not subclass :class:`Part` (any object with
+``key``, ``tensors``, ``load``, ``offload`` and ``is_on``) is adapted once, by
+:func:`as_part`, when it enters ondevice.
 
 Strategies are chosen by the component's type, walking its MRO, like
 :func:`functools.singledispatch`.  ComfyUI's strategies register themselves
@@ -20,7 +25,7 @@ from __future__ import annotations
 import importlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +35,7 @@ __all__ = [
     "Expand",
     "Part",
     "Strategy",
+    "as_part",
     "has_strategy",
     "parts_of",
     "register_strategy",
@@ -38,25 +44,156 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Part(Protocol):
-    """One set of weights that moves as a whole."""
+class Part:
+    """One set of weights that moves as a whole; subclass it for a new kind of component.
+
+    Subclasses implement :attr:`key`, :meth:`tensors`, :meth:`load`,
+    :meth:`offload` and :meth:`is_on` (the base class raises
+    ``NotImplementedError`` naming the subclass); :meth:`same_weights`,
+    :meth:`point_at` and :meth:`restore` default to doing nothing, like
+    accelerate's ``ModelHook``.  :attr:`path` names how the part moves its
+    weights in every :class:`~ondevice.events.MoveEvent`.
+
+    Thread semantics: only the residency table moves a part, one move at a time.
+
+    Example::
+
+        class ListPart(Part):
+            path = "list.to"
+
+            def __init__(self, modules: list[torch.nn.Module]) -> None:
+                self.modules = modules
+
+            @property
+            def key(self) -> object:
+                return self.modules
+
+            def tensors(self) -> Iterable[torch.Tensor]:
+                return [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
+
+            def load(self, device: torch.device) -> None:
+                for m in self.modules:
+                    m.to(device)
+
+            def offload(self) -> None:
+                self.load(torch.device("cpu"))
+
+            def is_on(self, device: torch.device) -> bool:
+                return all(t.device == device for t in self.tensors())
+    """
+
+    path: str = "custom"
+    """How this part moves its weights (``MoveEvent.path``): ``"module.to"``, ``"comfyui"``, ..."""
 
     @property
     def key(self) -> object:
         """The object whose identity names these weights (shared by clones)."""
+        raise NotImplementedError(_required(self, "the key property"))
 
     def tensors(self) -> Iterable[torch.Tensor]:
         """Every parameter and buffer of the weights, wherever they are now."""
+        raise NotImplementedError(_required(self, "tensors()"))
 
     def load(self, device: torch.device) -> None:
         """Put every weight on ``device``; on failure leave everything on the CPU and raise."""
+        raise NotImplementedError(_required(self, "load(device)"))
 
     def offload(self) -> None:
         """Put every weight on the CPU."""
+        raise NotImplementedError(_required(self, "offload()"))
 
     def is_on(self, device: torch.device) -> bool:
         """True when every weight is on ``device`` (and the owner knows it)."""
+        raise NotImplementedError(_required(self, "is_on(device)"))
+
+    def same_weights(self, other: Part) -> bool:
+        """Whether loading ``other`` (a part with the same key) would put exactly these weights on the device.
+
+        ``False`` for a ComfyUI clone with other patches; the default says ``True``.
+        """
+        return True
+
+    def point_at(self, device: torch.device) -> None:
+        """Point attributes that name the device (``vae.device``, ...) at ``device`` for a claim; default: none."""
+
+    def restore(self) -> None:
+        """Undo :meth:`point_at` once the weights leave the device; default: nothing to undo."""
+
+
+def _required(part: Part, what: str) -> str:
+    return (
+        f"{type(part).__qualname__} must implement {what}: a subclass of ondevice.strategies.Part implements "
+        "key, tensors(), load(device), offload() and is_on(device)"
+    )
+
+
+_REQUIRED = ("key", "tensors", "load", "offload", "is_on")
+
+
+class _Adapted(Part):
+    """A part of a user's strategy that does not subclass :class:`Part`: forwards to it, with Part's defaults."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+        self.path = str(getattr(wrapped, "path", Part.path))
+
+    @property
+    def key(self) -> object:
+        return self.wrapped.key
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return self.wrapped.tensors()  # type: ignore[no-any-return]
+
+    def load(self, device: torch.device) -> None:
+        self.wrapped.load(device)
+
+    def offload(self) -> None:
+        self.wrapped.offload()
+
+    def is_on(self, device: torch.device) -> bool:
+        return bool(self.wrapped.is_on(device))
+
+    def same_weights(self, other: Part) -> bool:
+        same = getattr(self.wrapped, "same_weights", None)
+        if not callable(same):
+            return True
+        return bool(same(other.wrapped if isinstance(other, _Adapted) else other))
+
+    def point_at(self, device: torch.device) -> None:
+        point_at = getattr(self.wrapped, "point_at", None)
+        if callable(point_at):
+            point_at(device)
+
+    def restore(self) -> None:
+        restore = getattr(self.wrapped, "restore", None)
+        if callable(restore):
+            restore()
+
+    def __repr__(self) -> str:
+        return repr(self.wrapped)
+
+
+def _has(part: object, name: str) -> bool:
+    """Whether ``part`` has the attribute ``name`` (callable, for a method)."""
+    return hasattr(part, name) and (name == "key" or callable(getattr(part, name)))
+
+
+def as_part(part: Any) -> Part:
+    """``part`` itself if it is a :class:`Part`, else an adapter that gives it Part's defaults.
+
+    Raises :class:`NoStrategyError` (a ``TypeError``) for an object without
+    ``key``, ``tensors``, ``load``, ``offload`` and ``is_on``.
+    """
+    if isinstance(part, Part):
+        return part
+    missing = [name for name in _REQUIRED if not _has(part, name)]
+    if missing:
+        msg = (
+            f"{part!r} is not a part: it has no {', '.join(missing)}; a strategy's parts() returns parts, "
+            "subclasses of ondevice.strategies.Part (key, tensors(), load(device), offload(), is_on(device))"
+        )
+        raise NoStrategyError(msg)
+    return _Adapted(part)
 
 
 class Strategy(Protocol):
@@ -151,8 +288,8 @@ def has_strategy(component: Any) -> bool:
 
 
 def parts_of(component: Any) -> list[Part]:
-    """The parts of ``component`` through its strategy."""
-    return list(strategy_for(component).parts(component))
+    """The parts of ``component`` through its strategy, each a :class:`Part` (see :func:`as_part`)."""
+    return [as_part(part) for part in strategy_for(component).parts(component)]
 
 
 def _register_builtin() -> None:

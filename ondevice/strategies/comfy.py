@@ -45,7 +45,7 @@ from ondevice.devices import CPU
 from ondevice.errors import MissingWeightsError, OnDeviceError
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
-from ondevice.strategies import register_strategy
+from ondevice.strategies import Part, register_strategy
 from ondevice.strategies.module import all_on, module_tensors
 
 __all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
@@ -219,7 +219,7 @@ def _detach_to_cpu(patcher: Any) -> None:
             patcher.model.device = CPU
 
 
-class PatcherPart:
+class PatcherPart(Part):
     """A ``ModelPatcher``'s weights, moved by ComfyUI.
 
     ``retarget`` lists ``(object, attribute)`` pairs that must name the scope's
@@ -232,6 +232,8 @@ class PatcherPart:
     device and every weight is there; for a dynamic patcher, every staged
     weight's VRAM is faulted in and locked (see the module docstring).
     """
+
+    path = "comfyui"
 
     def __init__(self, patcher: Any, retarget: Sequence[tuple[object, str]] = ()) -> None:
         self.patcher = patcher

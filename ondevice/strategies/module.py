@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ondevice.devices import CPU
+from ondevice.strategies import Part
 
 __all__ = ["ModulePart", "ModuleStrategy", "all_on", "module_tensors", "placement"]
 
@@ -40,8 +41,10 @@ def placement(tensors: Iterable[torch.Tensor]) -> dict[torch.device, int]:
     return out
 
 
-class ModulePart:
+class ModulePart(Part):
     """A plain module: moved with ``module.to(device)``."""
+
+    path = "module.to"
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
