@@ -34,7 +34,12 @@ instead of one failing.  Where waiting could never end, acquire raises
 owners, and holds nothing: when the holder waits, directly or through other
 waiting threads, for this thread, or is another asyncio task on this
 thread's event loop (waiting would block the loop that has to finish it).
-Clones with the same patches share the weights and never wait.  Waiting is
+Clones with the same patches share the weights and never wait.  A thread (or
+task) that has ended runs beside nobody: a generator it left suspended inside
+a scope continues that scope, as a nested one, wherever it is resumed.
+Generators interleaved on one thread (``zip(gen(base), gen(lora))``) count as
+nested scopes of that thread: their patches swap as each steps, so do not
+interleave generators that run forwards on other patches of the same weights.  Waiting is
 not fair (scopes with the current patches that keep overlapping can keep a
 waiter waiting), and a wait on something ondevice cannot see (the holder
 joins the waiting thread) never ends: a waiter logs a warning every
@@ -84,6 +89,7 @@ class Owner:
     thread: int
     task: object = None
     name: str = field(default="", compare=False)
+    handle: threading.Thread | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def current(cls) -> Owner:
@@ -92,13 +98,27 @@ class Owner:
             task = asyncio.current_task()
         except RuntimeError:  # no event loop runs in this thread
             task = None
-        name = f"thread {threading.current_thread().name!r}"
+        thread = threading.current_thread()
+        name = f"thread {thread.name!r}"
         if task is not None:
             name += f" (asyncio task {task.get_name()!r})"
-        return cls(threading.get_ident(), task, name)
+        return cls(threading.get_ident(), task, name, thread)
+
+    def finished(self) -> bool:
+        """Whether this thread (or task) has ended: a scope it left open (a suspended generator) runs no more here."""
+        if self.handle is not None and not self.handle.is_alive():
+            return True
+        done = getattr(self.task, "done", None)
+        return bool(done()) if callable(done) else False
 
     def runs_beside(self, other: Owner) -> bool:
-        """Whether code of the two may interleave: other threads, or other tasks of one event loop."""
+        """Whether code of the two may interleave: other live threads, or other tasks of one event loop.
+
+        An owner that has ended runs beside nobody: whoever resumes a generator it left suspended
+        inside a scope continues that scope, as a nested one.
+        """
+        if other.finished() or self.finished():
+            return False
         if self.thread != other.thread:
             return True
         return self.task is not None and other.task is not None and self.task is not other.task

@@ -145,3 +145,32 @@ def test_release_twice_is_an_error() -> None:
     table.release(claims)
     with pytest.raises(ValueError):
         table.release(claims)
+
+
+def test_scope_left_open_by_an_ended_thread_counts_as_nesting() -> None:
+    """A generator stepped into base's scope on a thread that then ended, resumed on another that needs other
+    patches: the other thread swaps them in (as a nested scope would) instead of waiting for the dead thread."""
+    table, w = ResidencyTable(), Weights()
+    claims: dict[str, list] = {}
+    first = threading.Thread(target=lambda: claims.setdefault("base", table.acquire([Stub(w, "base")], GPU)))
+    first.start()
+    first.join(10)
+    blocker_done = threading.Event()
+    blocker = threading.Thread(target=blocker_done.wait)  # takes the ended thread's ident, if it is reused
+    blocker.start()
+
+    def resume() -> None:
+        claims["lora"] = table.acquire([Stub(w, "lora")], GPU)
+        claims["seen"] = [w.patches]  # type: ignore[list-item]
+        table.release(claims["lora"])
+
+    second = threading.Thread(target=resume)
+    second.start()
+    second.join(5)
+    blocker_done.set()
+    blocker.join(5)
+    assert not second.is_alive(), "waited for a thread that had ended"
+    assert claims["seen"] == ["lora"]
+    assert (w.where, w.patches) == (GPU, "base")  # the base's patches are back for the still-open scope
+    table.release(claims["base"])
+    assert w.where == torch.device("cpu")
