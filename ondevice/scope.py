@@ -123,7 +123,7 @@ class _Entry:
         return False
 
     def _check_retained(self) -> None:
-        if self._baseline is None:
+        if self._baseline is None or not _grad_recording():
             return
         device, before = self._baseline
         with table.lock:
@@ -278,9 +278,19 @@ def _allocated(device: torch.device) -> int | None:
     return allocated - sum(counter(device) for counter in _kept_elsewhere)
 
 
+def _grad_recording() -> bool:
+    """Whether autograd records here: the only cause the retained-memory warning names."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def _baseline(device: torch.device) -> tuple[torch.device, int] | None:
-    """Device memory allocated now, if an entry made now is outermost on ``device`` (else None: no check)."""
-    if device.type == "cpu" or _holds(device):
+    """Device memory allocated now, if an entry made now is outermost on ``device`` (else None: no check).
+
+    Only where autograd records at the entry (and, checked later, at the exit): under
+    ``torch.inference_mode()`` or ``no_grad`` memory kept after the scope is ComfyUI's by design
+    (``--gpu-only`` keeps outputs on the GPU) or torch's own (cuBLAS workspaces), never a graph.
+    """
+    if device.type == "cpu" or _holds(device) or not _grad_recording():
         return None
     now = _allocated(device)
     return None if now is None else (device, now)

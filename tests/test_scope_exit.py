@@ -391,6 +391,18 @@ def test_same_result_under_inference_mode_does_not_warn(fake_gpu: FakeGPU) -> No
     assert retained(caught) == []
 
 
+def test_device_outputs_kept_on_purpose_under_inference_mode_do_not_warn(fake_gpu: FakeGPU) -> None:
+    """A scope run wholly under inference_mode whose big output stays on the device (as --gpu-only keeps
+    ComfyUI's outputs there): no autograd graph can be the cause, so no warning."""
+    m = wide()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode(), on_gpu(m) as s:
+            out = torch.zeros(1024, 1024, device=s.device) + m(torch.randn(256, 1024).to(s.device)).sum()
+    assert out.device == fake_gpu.device and out.nbytes > RETAINED_WARNING_BYTES
+    assert retained(caught) == []
+
+
 def test_one_warning_per_call_site(fake_gpu: FakeGPU) -> None:
     """Two exits of the same with statement that both leave memory behind warn once."""
     m = wide()

@@ -123,8 +123,15 @@ def _fault_in(patcher: Any, device: torch.device) -> None:
     if vbar is None:
         msg = f"ComfyUI's dynamic VRAM load of {name} made no VBAR for {device}; load it without dynamic VRAM"
         raise OnDeviceError(msg)
-    _lock(vbar)
     staged = _staged(patcher)
+    if any(owner is not vbar for owner, _, _ in staged):
+        msg = (
+            f"{name}'s weights are staged in the dynamic VRAM (comfy-aimdo VBAR) of another device, and ComfyUI "
+            f"does not move a dynamic model between GPUs; scope it on the device it was first loaded on, or load "
+            f"it with disable_dynamic=True (or start ComfyUI with --disable-dynamic-vram) to use {device}"
+        )
+        raise OnDeviceError(msg)
+    _lock(vbar)
     faulted: list[tuple[Any, int, int]] = []
     try:
         for owner, address, size in staged:
@@ -506,7 +513,14 @@ def remove_guard() -> None:
 def _kept_by_comfyui(device: torch.device) -> int:
     """Bytes of the weights ComfyUI's loaded-model list keeps on ``device`` (its cache between nodes)."""
     patchers = [entry.model for entry in list(mm.current_loaded_models) if entry.device == device]
-    return sum(int(patcher.loaded_size()) for patcher in patchers if patcher is not None)
+    return sum(_torch_bytes(patcher) for patcher in patchers if patcher is not None)
+
+
+def _torch_bytes(patcher: Any) -> int:
+    """The bytes of a loaded patcher's weights that torch allocated (a dynamic one's VBAR pages are aimdo's)."""
+    if _is_dynamic(patcher):
+        return int(getattr(patcher.model, "model_loaded_weight_memory", 0))
+    return int(patcher.loaded_size())
 
 
 def _register() -> None:

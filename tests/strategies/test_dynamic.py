@@ -293,6 +293,27 @@ def test_scope_on_another_device_registers_it(
         StandInVBAR.priority.clear()
 
 
+def test_scope_on_a_second_device_after_the_first_says_why_it_cannot(
+    aimdo: type[StandInVBAR], fake_gpu_two: Any, sd15_checkpoint: Path
+) -> None:
+    """A dynamic model scoped on fakegpu:0, then on fakegpu:1: its weights stay staged in device 0's VBAR, so the
+    second scope raises a clear OnDeviceError (not an out-of-memory message about an empty device), holding nothing."""
+    ckpt = _load_dynamic(sd15_checkpoint)
+    dev0, dev1 = torch.device("fakegpu", 0), torch.device("fakegpu", 1)
+    try:
+        with on_gpu(ckpt.model, device=dev0):
+            pass
+        with (
+            pytest.raises(ondevice.OnDeviceError, match="does not move a dynamic model between GPUs"),
+            on_gpu(ckpt.model, device=dev1),
+        ):
+            pass
+        assert ckpt.model.model.device == CPU
+        assert fake_gpu_two.memory_allocated(0) == fake_gpu_two.memory_allocated(1) == 0
+    finally:
+        StandInVBAR.priority.clear()
+
+
 def test_point_at_registers_the_device(dynamic: ondevice.Checkpoint) -> None:
     """PatcherPart.point_at gives a dynamic patcher ComfyUI's per-device pin state for the new device."""
     part = PatcherPart(dynamic.vae.patcher, retarget=[(dynamic.vae, "device")])
