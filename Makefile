@@ -28,7 +28,7 @@ endef
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
-.venv-comfyui/.ondevice-ready: requirements/ci.txt requirements/comfyui.txt pyproject.toml
+.venv-comfyui/.ondevice-ready: requirements/ci.txt requirements/comfyui.txt requirements/server.txt pyproject.toml
 	$(call make_venv,.venv-comfyui,requirements/comfyui.txt)
 	.venv-comfyui/bin/pip install -q --no-deps -e .
 	touch $@
