@@ -311,12 +311,26 @@ def test_owner_interleaving() -> None:
     assert here.task is None and not here.runs_beside(here)
     assert here.runs_beside(Owner(here.thread + 1))
 
-    async def two_tasks() -> list[Owner]:
-        async def owner() -> Owner:
-            return Owner.current()
+    async def two_tasks() -> tuple[Owner, Owner, list[bool]]:
+        owners: list[Owner] = []
+        seen: list[bool] = []
+        both, compared = asyncio.Event(), asyncio.Event()
 
-        return list(await asyncio.gather(owner(), owner()))
+        async def compare() -> None:
+            owners.append(Owner.current())
+            if len(owners) == 2:
+                both.set()
+            await both.wait()
+            a, b = owners
+            seen.append(a.runs_beside(b) and not a.runs_beside(a))
+            if len(seen) == 2:
+                compared.set()
+            await compared.wait()  # neither task ends before both compared
 
-    a, b = asyncio.run(two_tasks())
-    assert a.runs_beside(b) and not a.runs_beside(a)
+        await asyncio.gather(compare(), compare())
+        return owners[0], owners[1], seen
+
+    a, b, seen = asyncio.run(two_tasks())
+    assert seen == [True, True]
+    assert a.finished() and not a.runs_beside(b)  # done tasks run beside nobody
     assert not a.runs_beside(Owner(a.thread))  # code outside the loop on its thread encloses every task
