@@ -1,8 +1,49 @@
-"""The strategy for a plain ``torch.nn.Module`` (no ComfyUI needed), and tensor helpers."""
+"""The strategy for a plain ``torch.nn.Module`` (no ComfyUI needed), and tensor helpers.
+
+Zero-copy offload: loading a module keeps the CPU tensors it had (its
+parameters and buffers, by name) as *masters*: the very tensors, held by
+reference, so no host memory is added (and none is freed while the scope
+lasts: it is where the weights come back to).  Right after the load each
+device tensor's version counter (``tensor._version``) is recorded.  Offloading
+points every parameter and buffer whose device tensor is unchanged back at
+its master, without copying a byte from the device; the device memory is freed
+as the device tensors die.  "Unchanged" means the module still holds the very
+tensor the load made, with the same version, dtype, shape, strides and storage.
+
+What is copied back instead, by ``tensor.to("cpu")`` into new host memory as
+``module.to("cpu")`` copies (the master is left as it was: it may be shared
+with other code, or read-only memory):
+
+- a tensor modified in place on the device: any in-place op on the parameter
+  or buffer, on a view of it or on its ``detach()`` (``add_``, ``copy_``,
+  ``load_state_dict``, ``torch.nn.init``, an optimizer step), under
+  ``no_grad`` or ``inference_mode`` too.  **Writes through ``tensor.data`` are not seen**
+  (torch gives ``.data`` its own version counter): they are lost at exit,
+  the CPU keeping the weights as they were before the scope; write through
+  the tensor itself under ``torch.no_grad()`` instead;
+- a parameter or buffer the user replaced (a new object, another dtype);
+- every buffer of a batch norm (``torch.nn.modules.batchnorm._NormBase``:
+  ``BatchNorm*``, ``SyncBatchNorm``, ``InstanceNorm*``): torch updates running
+  statistics inside the kernel without moving the version counter.  Other
+  writes that bypass it are not seen either (``F.batch_norm`` called on a
+  module's own buffers, custom kernels that write through raw pointers);
+- a tensor whose version torch does not track: a parameter created as an
+  inference tensor, on CUDA, where the load swaps ``param.data`` and the
+  parameter keeps its (absent) version counter;
+- gradients, tensors that were not on the CPU when the module was loaded,
+  and every tensor of a module whose class overrides ``to`` (moved both ways
+  by ``module.to``: it may move more than the tensors).
+
+Thread semantics: masters are kept per module in a process-wide table guarded
+by a lock; the residency table moves one module's weights one move at a time.
+"""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +62,12 @@ def module_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
 
 def all_on(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
     """True when every tensor lives on ``device`` (an index-less device matches any index)."""
-    for tensor in tensors:
-        here = tensor.device
-        if here.type != device.type or (device.index is not None and here.index != device.index):
-            return False
-    return True
+    return all(_is_on(tensor.device, device) for tensor in tensors)
+
+
+def _is_on(here: torch.device, device: torch.device) -> bool:
+    """Whether ``here`` is ``device`` (an index-less device matches any index)."""
+    return here.type == device.type and (device.index is None or here.index == device.index)
 
 
 def placement(tensors: Iterable[torch.Tensor]) -> dict[torch.device, int]:
@@ -41,10 +83,99 @@ def placement(tensors: Iterable[torch.Tensor]) -> dict[torch.device, int]:
     return out
 
 
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by its dotted name (a tied tensor under each of its names)."""
+    named: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+_Signature = tuple[int, torch.dtype, torch.Size, tuple[int, ...], int, int]
+
+
+def _signature(tensor: torch.Tensor) -> _Signature | None:
+    """What must stay equal for ``tensor`` to count as unmodified; ``None`` where torch tracks no version."""
+    try:
+        return (
+            tensor._version,
+            tensor.dtype,
+            tensor.shape,
+            tensor.stride(),
+            int(tensor.storage_offset()),
+            int(tensor.untyped_storage()._cdata),  # a `.data =` swap keeps the version but changes the storage
+        )
+    except RuntimeError:  # an inference tensor ("do not track version counter"), a sparse tensor (no strides)
+        return None
+
+
+@dataclass(frozen=True)
+class _Master:
+    """One tensor's CPU master (the tensor the module had, not a copy) and the device tensor the load made of it."""
+
+    cpu: torch.Tensor
+    device: weakref.ref[torch.Tensor]
+    signature: _Signature
+
+    def unchanged(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is that device tensor, not modified since the load."""
+        return self.device() is tensor and _signature(tensor) == self.signature
+
+
+class _Masters:
+    """Per module (by identity, held weakly): the masters of its tensors that are on a device now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant: a module's weakref callback may run inside put (gc)
+        self._by_module: dict[int, tuple[weakref.ref[torch.nn.Module], dict[str, _Master]]] = {}
+
+    def put(self, module: torch.nn.Module, masters: dict[str, _Master]) -> None:
+        """Keep ``masters`` until :meth:`take` (or until ``module`` dies)."""
+        key = id(module)
+
+        def forget(ref: weakref.ref[torch.nn.Module]) -> None:
+            with self._lock:
+                if self._by_module.get(key, (None,))[0] is ref:
+                    del self._by_module[key]
+
+        with self._lock:
+            if masters:
+                self._by_module[key] = (weakref.ref(module, forget), masters)
+            else:
+                self._by_module.pop(key, None)
+
+    def take(self, module: torch.nn.Module) -> dict[str, _Master]:
+        """The masters kept for ``module``, forgotten here ({} if none)."""
+        with self._lock:
+            entry = self._by_module.pop(id(module), None)
+        if entry is None or entry[0]() is not module:
+            return {}
+        return entry[1]
+
+
+_masters = _Masters()
+
+
 class ModulePart(Part):
-    """A plain module: moved with ``module.to(device)``."""
+    """A plain module: loaded with ``module.to(device)``, offloaded zero-copy (see the module docstring).
+
+    Both moves run outside ``torch.inference_mode`` (so the device tensors
+    track versions and a module used under inference mode never comes back
+    made of inference tensors), except that an offload back to masters that
+    are inference tensors runs inside it (torch allows no other way).
+    """
 
     path = "module.to"
+
+    last_move: str = "module.to"
+    """How the latest move of this part went: ``"module.to"`` (every byte copied) or ``"zero-copy"`` (an offload
+    that pointed unchanged tensors back at their CPU masters and copied only the others; see ``copied_bytes``)."""
+
+    copied_bytes: int = 0
+    """Bytes the latest move of this part copied between devices."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -57,20 +188,115 @@ class ModulePart(Part):
         return module_tensors(self.module)
 
     def load(self, device: torch.device) -> None:
+        if not self._plain_to():
+            self._move_all(device)
+            return
+        kept = _masters.take(self.module)  # an earlier load's, for tensors still on the device unchanged
+        named = _named_tensors(self.module)
+        before = {name: _master_of(tensor) for name, tensor in named.items() if tensor.device == CPU}
+        copied = _bytes_off(named.values(), device)  # before the move: CUDA swaps a parameter's data in place
         try:
-            self.module.to(device)
+            with torch.inference_mode(False):
+                self.module.to(device)
         except BaseException:
-            self.module.to(CPU)
+            self._point_back(_loaded(self.module, before, kept))  # what the load made is unmodified: no copy
             raise
+        _masters.put(self.module, _loaded(self.module, before, kept))
+        self.last_move, self.copied_bytes = "module.to", copied
 
     def offload(self) -> None:
-        self.module.to(CPU)
+        masters = _masters.take(self.module)
+        if masters and self._plain_to():
+            self._point_back(masters)
+        else:
+            self._move_all(CPU)
 
     def is_on(self, device: torch.device) -> bool:
         return all_on(self.tensors(), device)
 
+    def _plain_to(self) -> bool:
+        """Whether ``module.to`` is torch's own (a class that overrides it may move more than its tensors)."""
+        return type(self.module).to is torch.nn.Module.to
+
+    def _move_all(self, device: torch.device) -> None:
+        """Today's path: ``module.to(device)``, every byte copied; on a failed load, back to the CPU."""
+        self.last_move, self.copied_bytes = "module.to", _bytes_off(self.tensors(), device)
+        try:
+            with torch.inference_mode(False):
+                self.module.to(device)
+        except BaseException:
+            if device != CPU:
+                with torch.inference_mode(False):
+                    self.module.to(CPU)
+            raise
+
+    def _point_back(self, masters: dict[str, _Master]) -> None:
+        """Offload: unchanged device tensors become their masters again, every other one is copied to the CPU."""
+        targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(device tensor) -> (it, its master)
+        for name, tensor in _named_tensors(self.module).items():
+            master = masters.get(name)
+            if master is not None and master.unchanged(tensor):
+                targets[id(tensor)] = (tensor, master.cpu)
+        copied = 0
+
+        def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal copied
+            found = targets.get(id(tensor))
+            if found is not None and found[0] is tensor:
+                return found[1]
+            if tensor.device != CPU:
+                copied += _nbytes(tensor)
+            return tensor.to(CPU)
+
+        # _apply swaps param.data where it can (CPU <-> CUDA) and makes new Parameters where it cannot (the fake
+        # GPU, torch.__future__ overwrite/swap modes); either way requires_grad and Parameter-ness are kept.
+        with torch.inference_mode(any(master.cpu.is_inference() for master in masters.values())):
+            self.module._apply(to_cpu)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
+        self.last_move, self.copied_bytes = "zero-copy", copied
+
     def __repr__(self) -> str:
         return f"ModulePart({type(self.module).__name__})"
+
+
+def _master_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A reference to ``tensor``'s CPU data that outlives the load: a parameter moved in place (CPU -> CUDA swaps
+    ``param.data``) no longer points at it, so keep an alias of its data; a buffer is replaced, so keep it."""
+    return tensor.detach() if isinstance(tensor, torch.nn.Parameter) else tensor
+
+
+def _loaded(module: torch.nn.Module, before: dict[str, torch.Tensor], kept: dict[str, _Master]) -> dict[str, _Master]:
+    """The masters of ``module``'s device tensors after a load: what was on the CPU ``before`` it (by name), and
+    the ``kept`` masters of tensors that were on the device already and are still unchanged."""
+    masters: dict[str, _Master] = {}
+    unseen = _unversioned_writes(module)
+    for name, tensor in _named_tensors(module).items():
+        if tensor.device == CPU or name in unseen:
+            continue
+        cpu = before.get(name)
+        if cpu is None:
+            master = kept.get(name)
+            if master is not None and master.unchanged(tensor):
+                masters[name] = master
+            continue
+        signature = _signature(tensor)
+        if signature is not None:  # else the offload cannot tell it unmodified, and copies it
+            masters[name] = _Master(cpu, weakref.ref(tensor), signature)
+    return masters
+
+
+def _unversioned_writes(module: torch.nn.Module) -> set[str]:
+    """Names of the buffers that torch updates without moving their version counter: a batch norm's."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules(remove_duplicate=False)
+        if isinstance(sub, torch.nn.modules.batchnorm._NormBase)
+        for name in sub._buffers
+    }
+
+
+def _bytes_off(tensors: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Bytes of ``tensors`` (each once) not on ``device``: what moving them there copies."""
+    return sum(size for here, size in placement(tensors).items() if not _is_on(here, device))
 
 
 class ModuleStrategy:
