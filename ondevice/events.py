@@ -49,7 +49,9 @@ class MoveEvent:
         seconds: wall time of the move, the target device synchronized.
         pinned: whether the host side was pinned memory (``False`` for pageable copies).
         stream: the side stream that copied, or ``None`` for the default stream.
-        path: how the part moved its weights (``"module.to"``, ``"comfyui"``, ...).
+        path: how the part moved its weights (``"module.to"``, ``"zero-copy"``, ``"comfyui"``, ...).
+        copied: bytes the move copied between devices, where the part counts them (a zero-copy
+            offload copies only what changed on the device); ``None`` where it does not.
     """
 
     component: str
@@ -60,6 +62,7 @@ class MoveEvent:
     pinned: bool
     stream: str | None
     path: str
+    copied: int | None = None
 
 
 Listener = Callable[[MoveEvent], object]

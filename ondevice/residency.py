@@ -222,7 +222,8 @@ def _event(part: Part, target: torch.device, before: dict[torch.device, int], se
         seconds=seconds,
         pinned=False,
         stream=None,
-        path=part.path,
+        path=part.last_move or part.path,
+        copied=part.copied_bytes,
     )
 
 

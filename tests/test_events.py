@@ -38,10 +38,10 @@ def test_module_scope_emits_one_load_and_one_offload(fake_gpu: FakeGPU) -> None:
         assert len(moves) == 2
     load, offload = moves
     assert load == MoveEvent(
-        "ModulePart(Sequential)", CPU, fake_gpu.device, nbytes(m), load.seconds, False, None, "module.to"
+        "ModulePart(Sequential)", CPU, fake_gpu.device, nbytes(m), load.seconds, False, None, "module.to", nbytes(m)
     )
-    assert offload == MoveEvent(
-        "ModulePart(Sequential)", fake_gpu.device, CPU, nbytes(m), offload.seconds, False, None, "module.to"
+    assert offload == MoveEvent(  # the weights were not changed on the device: nothing is copied back
+        "ModulePart(Sequential)", fake_gpu.device, CPU, nbytes(m), offload.seconds, False, None, "zero-copy", 0
     )
     assert load.seconds >= 0
     assert offload.seconds >= 0

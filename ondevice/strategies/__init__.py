@@ -85,6 +85,12 @@ class Part:
     path: str = "custom"
     """How this part moves its weights (``MoveEvent.path``): ``"module.to"``, ``"comfyui"``, ..."""
 
+    last_move: str | None = None
+    """How the latest move went, where it differs by move (``"zero-copy"``); ``None``: as :attr:`path` says."""
+
+    copied_bytes: int | None = None
+    """Bytes the latest move copied between devices; ``None``: the part does not count them."""
+
     @property
     def key(self) -> object:
         """The object whose identity names these weights (shared by clones)."""

@@ -170,11 +170,11 @@ class ModulePart(Part):
 
     path = "module.to"
 
-    last_move: str = "module.to"
+    last_move: str | None = "module.to"
     """How the latest move of this part went: ``"module.to"`` (every byte copied) or ``"zero-copy"`` (an offload
     that pointed unchanged tensors back at their CPU masters and copied only the others; see ``copied_bytes``)."""
 
-    copied_bytes: int = 0
+    copied_bytes: int | None = 0
     """Bytes the latest move of this part copied between devices."""
 
     def __init__(self, module: torch.nn.Module) -> None:
