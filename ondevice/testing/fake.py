@@ -3,6 +3,10 @@
 While active, ``fakegpu:0`` (and ``fakegpu:1`` .. with ``device_count=``) is a
 real torch device (see :mod:`ondevice.testing.fakegpu`): tensors really move,
 math really runs, mixing devices fails like CUDA, and memory has a limit.
+Host memory can be pinned (with a cap: ``pinned_limit=``), and copies issued
+with ``non_blocking=True`` on a ``torch.fakegpu.Stream`` land only when waited
+for, so a missing ``wait_stream`` computes NaN.  When the handle stops, every
+late copy lands and the limits go back to their defaults.
 ``ondevice.devices.resolve(None)`` returns ``fakegpu:0``, and ComfyUI's own
 ``comfy.model_management`` treats ``fakegpu:0`` as its GPU (patched at start
 if ComfyUI is imported, else as soon as ondevice imports it), so
@@ -55,26 +59,34 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 _lock = threading.RLock()
 _active: FakeGPU | None = None
+_NO_COPIES: tuple[int, ...] = (0, 0, 0, 0)  # bytes to the device, to the CPU, and the pinned part of each
 
 
-def _parse_memory(memory: str | int) -> int:
+def _parse_memory(memory: str | int, argument: str = "memory", minimum: int = 1) -> int:
     """Bytes from ``8GiB``, ``512MiB``, ``1.5GiB``, ``8GB`` (GB = 10**9) or an int number of bytes."""
     if isinstance(memory, int) and not isinstance(memory, bool):
         nbytes = memory
     elif isinstance(memory, str) and (match := _SIZE.fullmatch(memory)) and match[2].lower() in _UNITS:
         nbytes = int(float(match[1]) * _UNITS[match[2].lower()])
     else:
-        nbytes = 0
-    if nbytes <= 0:
+        nbytes = -1
+    if nbytes < minimum:
+        least = "positive" if minimum > 0 else "non-negative"
         msg = (
-            f"memory={memory!r} is not a memory size; pass a positive int number of bytes or a string "
+            f"{argument}={memory!r} is not a memory size; pass a {least} int number of bytes or a string "
             "like '8GiB', '512MiB', '1.5GiB' or '8GB' (KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)"
         )
         raise InvalidArgumentError(msg)
     return nbytes
 
 
-def fake_gpu(memory: str | int = "8GiB", *, device_count: int = 1, vram_state: str = "NORMAL_VRAM") -> FakeGPU:
+def fake_gpu(
+    memory: str | int = "8GiB",
+    *,
+    device_count: int = 1,
+    vram_state: str = "NORMAL_VRAM",
+    pinned_limit: str | int | None = None,
+) -> FakeGPU:
     """A fake accelerator with ``memory`` per device; activate it with ``with``, as a decorator, or ``start()``.
 
     Args:
@@ -82,6 +94,8 @@ def fake_gpu(memory: str | int = "8GiB", *, device_count: int = 1, vram_state: s
         device_count: how many fake devices (``fakegpu:0`` .. ``fakegpu:N-1``) exist.
         vram_state: the ``comfy.model_management.VRAMState`` name ComfyUI runs with
             (``"NORMAL_VRAM"``, ``"LOW_VRAM"``, ``"NO_VRAM"``, ``"HIGH_VRAM"``, ...).
+        pinned_limit: a cap on pinned host memory, in the units of ``memory`` (None: no cap, 0: no
+            pinning); pinning past it raises ``RuntimeError`` as a failing ``cudaHostAlloc`` does.
 
     Raises :class:`~ondevice.errors.InvalidArgumentError` (a ``ValueError``) for a bad argument.
     """
@@ -91,24 +105,29 @@ def fake_gpu(memory: str | int = "8GiB", *, device_count: int = 1, vram_state: s
     if vram_state not in _VRAM_STATES:
         msg = f"vram_state={vram_state!r} is not a ComfyUI VRAMState; pass one of {', '.join(_VRAM_STATES)}"
         raise InvalidArgumentError(msg)
-    return FakeGPU(_parse_memory(memory), device_count=device_count, vram_state=vram_state)
+    pinned = None if pinned_limit is None else _parse_memory(pinned_limit, "pinned_limit", minimum=0)
+    return FakeGPU(_parse_memory(memory), device_count=device_count, vram_state=vram_state, pinned_limit=pinned)
 
 
 class FakeGPU:
     """One fake accelerator configuration; building it costs nothing, :meth:`start` activates it."""
 
-    def __init__(self, memory: int, *, device_count: int = 1, vram_state: str = "NORMAL_VRAM") -> None:
+    def __init__(
+        self, memory: int, *, device_count: int = 1, vram_state: str = "NORMAL_VRAM", pinned_limit: int | None = None
+    ) -> None:
         self.memory = memory
         self.vram_state = vram_state
         self.device_count = device_count
+        self.pinned_limit = pinned_limit
         self._depth = 0
         self._stack: contextlib.ExitStack | None = None
-        self._baseline = (0, 0)
-        self._final: tuple[int, int] | None = (0, 0)
+        self._baseline = _NO_COPIES
+        self._final: tuple[int, ...] | None = _NO_COPIES
 
     def __repr__(self) -> str:
         state = "active" if self.active else "inactive"
-        return f"<FakeGPU {self.memory} bytes x {self.device_count} device(s), {self.vram_state}, {state}>"
+        pinned = "" if self.pinned_limit is None else f", {self.pinned_limit} bytes pinnable"
+        return f"<FakeGPU {self.memory} bytes x {self.device_count} device(s){pinned}, {self.vram_state}, {state}>"
 
     @property
     def devices(self) -> list[torch.device]:
@@ -186,6 +205,7 @@ class FakeGPU:
             fakegpu.install()
             fakegpu.set_device_count(self.device_count)
             fakegpu.set_memory_limit(self.memory)
+            fakegpu.set_pinned_limit(self.pinned_limit)
             stack.callback(_reset_backend)
             devices.register_backend("fakegpu", _ondevice_backend(), default=True)
             stack.callback(devices.register_backend, "fakegpu", None)
@@ -202,12 +222,13 @@ class FakeGPU:
 
     # ------------------------------------------------------------------ observations
 
-    def _counters(self) -> tuple[int, int]:
-        return (fakegpu.stats.to_fake_bytes, fakegpu.stats.to_cpu_bytes)
+    def _counters(self) -> tuple[int, ...]:
+        stats = fakegpu.stats
+        return (stats.to_fake_bytes, stats.to_cpu_bytes, stats.to_fake_pinned_bytes, stats.to_cpu_pinned_bytes)
 
-    def _since_start(self) -> tuple[int, int]:
+    def _since_start(self) -> tuple[int, ...]:
         now = self._final if self._final is not None else self._counters()
-        return (now[0] - self._baseline[0], now[1] - self._baseline[1])
+        return tuple(n - b for n, b in zip(now, self._baseline, strict=True))
 
     @property
     def bytes_to_device(self) -> int:
@@ -219,6 +240,20 @@ class FakeGPU:
         """Bytes copied fake device -> CPU since :meth:`start` (frozen at :meth:`stop`)."""
         return self._since_start()[1]
 
+    @property
+    def bytes_to_device_pinned(self) -> int:
+        """The part of :attr:`bytes_to_device` read from pinned host memory."""
+        return self._since_start()[2]
+
+    @property
+    def bytes_to_cpu_pinned(self) -> int:
+        """The part of :attr:`bytes_to_cpu` written to pinned host memory."""
+        return self._since_start()[3]
+
+    def pinned_bytes(self) -> int:
+        """Bytes of host memory pinned now (see :func:`ondevice.testing.fakegpu.pinned_bytes`)."""
+        return fakegpu.pinned_bytes() if fakegpu.is_installed() else 0
+
     def memory_allocated(self, index: int = 0) -> int:
         """Bytes of live storage on ``fakegpu:index``."""
         return fakegpu.memory_allocated(index) if fakegpu.is_installed() else 0
@@ -229,8 +264,12 @@ class FakeGPU:
 
 
 def _reset_backend() -> None:
+    for index in range(fakegpu.device_count()):
+        fakegpu.synchronize(index)  # no late copy lands after the handle stopped
+        fakegpu.set_stream(fakegpu.default_stream(index))
     fakegpu.set_device_count(1)
     fakegpu.set_memory_limit(fakegpu.DEFAULT_MEMORY)
+    fakegpu.set_pinned_limit(None)
 
 
 def _ondevice_backend() -> devices.Backend:
