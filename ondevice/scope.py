@@ -95,9 +95,14 @@ class _Entry:
     def __enter__(self) -> ScopeHandle:
         device = devices.resolve(self._device)
         parts = _collect_parts(self._components)  # every error is raised before anything moves
-        with table.lock:  # no other scope enters between the baseline and the acquire
-            self._baseline = _baseline(device)
-            self._claims = table.acquire(parts, device)
+        try:
+            with table.lock:  # no other scope enters between the baseline and the acquire
+                self._baseline = _baseline(device)
+                self._claims = table.acquire(parts, device)
+        except BaseException:  # a move listener interrupted (events reach them as the lock is released)
+            claims, self._claims = self._claims or [], None
+            table.release(claims)  # the with statement will not call __exit__: hold nothing
+            raise
         return ScopeHandle(device=device, components=self._components)
 
     def __exit__(

@@ -156,3 +156,22 @@ def test_remove_is_idempotent_and_removes_only_its_own_addition(fake_gpu: FakeGP
     finally:
         second()
     assert len(seen) == 2
+
+
+def test_ctrl_c_in_a_listener_as_a_scope_enters_holds_nothing(fake_gpu: FakeGPU) -> None:
+    """A KeyboardInterrupt raised by a listener on the load event propagates, and the scope holds nothing."""
+    m = net()
+
+    def interrupt(event: MoveEvent) -> None:
+        if event.target == fake_gpu.device:
+            raise KeyboardInterrupt
+
+    remove = add_listener(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), on_gpu(m):
+            pytest.fail("the block must not run")
+    finally:
+        remove()
+    assert table.held() == []
+    assert {t.device for t in module_tensors(m)} == {CPU}
+    assert fake_gpu.memory_allocated() == 0
