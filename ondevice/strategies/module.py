@@ -34,6 +34,16 @@ with other code, or read-only memory):
   and every tensor of a module whose class overrides ``to`` (moved both ways
   by ``module.to``: it may move more than the tensors).
 
+Pinned loads: a load first pins the masters in place, once per module
+(:mod:`ondevice.pinning`; within its cap, never pinning twice what ComfyUI or
+the user pinned), then copies them with ``non_blocking=True`` on a side stream
+of the target device, records an event and makes the current stream wait on
+it, so work queued on the current stream in the block reads landed weights
+while the host runs on.  A module that cannot be pinned (past the cap, a failed
+registration, a device without pinned memory) is loaded as before, with
+``module.to(device)`` from pageable memory; ``last_pinned``, ``last_stream``
+and ``last_fallback`` say how the latest load went.
+
 Thread semantics: masters are kept per module in a process-wide table guarded
 by a lock; the residency table moves one module's weights one move at a time.
 """
@@ -49,6 +59,7 @@ from typing import Any
 import torch
 
 from ondevice.devices import CPU
+from ondevice.pinning import Pinning, pin
 from ondevice.strategies import Part
 
 __all__ = ["ModulePart", "ModuleStrategy", "all_on", "module_tensors", "placement"]
@@ -177,6 +188,15 @@ class ModulePart(Part):
     copied_bytes: int | None = 0
     """Bytes the latest move of this part copied between devices."""
 
+    last_pinned: bool = False
+    """Whether the latest move copied from pinned host memory (a load of pinned masters on a side stream)."""
+
+    last_stream: str | None = None
+    """The side stream the latest move copied on (``"cuda:0:side"``), or ``None`` for the current stream."""
+
+    last_fallback: str | None = None
+    """Why the latest load copied from pageable memory (the pinned-memory cap, a failed registration), or None."""
+
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
 
@@ -195,16 +215,42 @@ class ModulePart(Part):
         named = _named_tensors(self.module)
         before = {name: _master_of(tensor) for name, tensor in named.items() if tensor.device == CPU}
         copied = _bytes_off(named.values(), device)  # before the move: CUDA swaps a parameter's data in place
+        pinning = pin(self.module, device) if before else Pinning(pinned=False)  # nothing to copy: nothing to pin
+        self.last_pinned, self.last_stream, self.last_fallback = pinning.pinned, None, pinning.reason
         try:
             with torch.inference_mode(False):
-                self.module.to(device)
-        except BaseException:
+                if pinning.pinned:
+                    self.last_stream = self._copy_on_side_stream(device)
+                else:
+                    self.module.to(device)
+        except BaseException:  # copies still queued on the side stream may be dropped: the stream orders reuse
             self._point_back(_loaded(self.module, before, kept))  # what the load made is unmodified: no copy
             raise
         _masters.put(self.module, _loaded(self.module, before, kept))
         self.last_move, self.copied_bytes = "module.to", copied
 
+    def _copy_on_side_stream(self, device: torch.device) -> str:
+        """Copy the (pinned) module to ``device`` with ``non_blocking`` on a side stream; returns the stream's name.
+
+        The current stream waits for the copy before this returns, so work queued on it (a forward in the
+        block) reads the weights only once they landed; the host does not wait.
+        """
+        backend = torch.get_device_module(device)
+        current = backend.current_stream(device)
+        side = backend.Stream(device)
+        side.wait_stream(current)  # device memory freed by work queued so far is not overwritten while that work runs
+        with backend.stream(side):
+            self.module.to(device, non_blocking=True)
+            landed = backend.Event()
+            landed.record(side)
+        current.wait_event(landed)  # without it a forward on the current stream reads weights still in flight
+        for tensor in self.tensors():
+            if _is_on(tensor.device, device):
+                tensor.record_stream(current)  # allocated on the side stream, used on the current one
+        return f"{device}:side"
+
     def offload(self) -> None:
+        self.last_pinned, self.last_stream, self.last_fallback = False, None, None
         masters = _masters.take(self.module)
         if masters and self._plain_to():
             self._point_back(masters)
@@ -220,6 +266,7 @@ class ModulePart(Part):
 
     def _move_all(self, device: torch.device) -> None:
         """Today's path: ``module.to(device)``, every byte copied; on a failed load, back to the CPU."""
+        self.last_pinned, self.last_stream, self.last_fallback = False, None, None
         self.last_move, self.copied_bytes = "module.to", _bytes_off(self.tensors(), device)
         try:
             with torch.inference_mode(False):
