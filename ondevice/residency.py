@@ -220,8 +220,8 @@ def _event(part: Part, target: torch.device, before: dict[torch.device, int], se
         target=target,
         nbytes=nbytes,
         seconds=seconds,
-        pinned=False,
-        stream=None,
+        pinned=part.last_pinned,
+        stream=part.last_stream,
         path=part.last_move or part.path,
         copied=part.copied_bytes,
     )

@@ -37,9 +37,18 @@ def test_module_scope_emits_one_load_and_one_offload(fake_gpu: FakeGPU) -> None:
             assert [move.target for move in moves] == [fake_gpu.device]  # delivered before the block runs
         assert len(moves) == 2
     load, offload = moves
-    assert load == MoveEvent(
-        "ModulePart(Sequential)", CPU, fake_gpu.device, nbytes(m), load.seconds, False, None, "module.to", nbytes(m)
+    assert load == MoveEvent(  # pinned in place, copied on a side stream
+        "ModulePart(Sequential)",
+        CPU,
+        fake_gpu.device,
+        nbytes(m),
+        load.seconds,
+        True,
+        load.stream,
+        "module.to",
+        nbytes(m),
     )
+    assert load.stream is not None and load.stream.startswith(str(fake_gpu.device))
     assert offload == MoveEvent(  # the weights were not changed on the device: nothing is copied back
         "ModulePart(Sequential)", fake_gpu.device, CPU, nbytes(m), offload.seconds, False, None, "zero-copy", 0
     )

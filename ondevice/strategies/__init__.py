@@ -91,6 +91,12 @@ class Part:
     copied_bytes: int | None = None
     """Bytes the latest move copied between devices; ``None``: the part does not count them."""
 
+    last_pinned: bool = False
+    """Whether the latest move copied from pinned host memory."""
+
+    last_stream: str | None = None
+    """The side stream the latest move copied on (``None``: the default stream)."""
+
     @property
     def key(self) -> object:
         """The object whose identity names these weights (shared by clones)."""

@@ -21,6 +21,8 @@ with other code, or read-only memory):
   (torch gives ``.data`` its own version counter): they are lost at exit,
   the CPU keeping the weights as they were before the scope; write through
   the tensor itself under ``torch.no_grad()`` instead;
+- a parameter with a gradient: fused optimizer steps (``Adam(fused=True)``,
+  ``SGD(fused=True)``) write parameters without moving their version counter;
 - a parameter or buffer the user replaced (a new object, another dtype);
 - every buffer of a batch norm (``torch.nn.modules.batchnorm._NormBase``:
   ``BatchNorm*``, ``SyncBatchNorm``, ``InstanceNorm*``): torch updates running
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ondevice.devices import CPU
 from ondevice.pinning import Pinning, pin
@@ -128,12 +131,22 @@ class _Master:
     """One tensor's CPU master (the tensor the module had, not a copy) and the device tensor the load made of it."""
 
     cpu: torch.Tensor
-    device: weakref.ref[torch.Tensor]
+    device: int  # id() of the device tensor: a weakref on it would make torch.utils.swap_tensors refuse it
+    storage: StorageWeakRef  # keeps the storage's record alive, so its address (in the signature) is never reused
     signature: _Signature
 
     def unchanged(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is that device tensor, not modified since the load."""
-        return self.device() is tensor and _signature(tensor) == self.signature
+        """Whether ``tensor`` is that device tensor, not modified since the load.
+
+        A parameter with a gradient counts as modified: fused optimizer steps (``Adam(fused=True)``)
+        write it without moving its version counter.
+        """
+        return (
+            id(tensor) == self.device
+            and not self.storage.expired()  # type: ignore[no-untyped-call]
+            and _signature(tensor) == self.signature
+            and tensor.grad is None
+        )
 
 
 class _Masters:
@@ -293,7 +306,8 @@ class ModulePart(Part):
                 return found[1]
             if tensor.device != CPU:
                 copied += _nbytes(tensor)
-            return tensor.to(CPU)
+            with torch.inference_mode(False):  # a copy is a normal tensor, whatever the masters are
+                return tensor.to(CPU)
 
         # _apply swaps param.data where it can (CPU <-> CUDA) and makes new Parameters where it cannot (the fake
         # GPU, torch.__future__ overwrite/swap modes); either way requires_grad and Parameter-ness are kept.
@@ -327,7 +341,7 @@ def _loaded(module: torch.nn.Module, before: dict[str, torch.Tensor], kept: dict
             continue
         signature = _signature(tensor)
         if signature is not None:  # else the offload cannot tell it unmodified, and copies it
-            masters[name] = _Master(cpu, weakref.ref(tensor), signature)
+            masters[name] = _Master(cpu, id(tensor), StorageWeakRef(tensor.untyped_storage()), signature)  # type: ignore[no-untyped-call]
     return masters
 
 

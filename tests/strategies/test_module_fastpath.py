@@ -337,3 +337,49 @@ def test_module_moved_to_the_cpu_by_hand_inside_the_scope(fake_gpu: FakeGPU, cop
     assert storages(m) == moved
     assert same_values(values(m), expected)
     assert copies.to_cpu_bytes == 0
+
+
+def test_fused_optimizer_step_inside_the_scope_is_kept(fake_gpu: FakeGPU) -> None:
+    """A fused Adam step writes parameters without moving their version counter: they have gradients, so they
+    are copied back, and the trained values survive the exit."""
+    m = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    with on_gpu(m) as scope:
+        optimizer = torch.optim.Adam(m.parameters(), lr=0.5, fused=True)
+        m(torch.ones(2, 4, device=scope.device)).sum().backward()
+        optimizer.step()
+        trained = m.weight.detach().cpu()
+    assert not torch.equal(trained, torch.ones(4, 4))
+    assert torch.equal(m.weight.detach(), trained)
+
+
+def test_swap_mode_round_trip() -> None:
+    """With torch's swap-on-conversion mode (Module._apply swaps parameter objects, as for tensor-subclass weights),
+    a load and a zero-copy offload work: ondevice holds no weakref on the tensors, which would block the swap."""
+    m = torch.nn.Linear(8, 8)
+    before = values(m)
+    part = ModulePart(m)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        part.load(torch.device("meta"))  # the fake GPU's own tensors carry weakrefs; meta ones do not
+        assert {t.device.type for t in m.parameters()} == {"meta"}
+        part.offload()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert part.last_move == "zero-copy"
+    assert same_values(values(m), before)
+
+
+def test_copies_back_are_normal_tensors_when_a_master_is_an_inference_tensor(fake_gpu: FakeGPU) -> None:
+    """A buffer made under inference_mode does not turn the weights copied back into inference tensors."""
+    m = torch.nn.Linear(4, 4)
+    with torch.inference_mode():
+        m.register_buffer("scale", torch.ones(4))
+    with on_gpu(m) as scope:
+        torch.optim.SGD(m.parameters(), lr=0.1).zero_grad()
+        m(torch.ones(1, 4, device=scope.device)).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    assert not m.weight.is_inference()
+    m(torch.ones(1, 4)).sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.1).step()  # an in-place update outside inference mode works
