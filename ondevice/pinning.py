@@ -10,7 +10,8 @@ lives (registration is the one-time cost); they are undone when the module is
 garbage collected or by :func:`unpin`.  Each pinned storage is held until
 then, so its memory is never freed while registered.
 
-A process-wide cap (:func:`set_pinned_limit`) bounds the bytes ondevice pins
+A process-wide cap (:func:`set_pinned_limit`; by default half the machine's
+RAM, since pinned memory cannot be paged out) bounds the bytes ondevice pins
 (:func:`pinned_bytes`); a module that would pass it, or whose registration
 fails (the driver's or the fake GPU's cap), is not pinned at all: :func:`pin`
 says why, and its loads copy from pageable memory.  Never an error.
@@ -37,6 +38,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from ondevice.devices import memory_info
+from ondevice.errors import InvalidArgumentError
 
 __all__ = ["Pinning", "pin", "pinned_bytes", "pinned_limit", "set_pinned_limit", "unpin"]
 
@@ -74,7 +78,7 @@ class _Books:
         self.pins: dict[int, _Pin] = {}
         self.by_module: dict[int, tuple[weakref.ref[torch.nn.Module], list[int]]] = {}
         self.used = 0
-        self.limit: int | None = None
+        self.limit: int | None = memory_info("cpu")[1] // 2  # default: half the machine's RAM
 
 
 _books = _Books()
@@ -98,7 +102,7 @@ def set_pinned_limit(nbytes: int | None) -> None:
     """
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
         msg = f"set_pinned_limit(nbytes={nbytes!r}): pass an int number of bytes >= 0, or None for no cap"
-        raise ValueError(msg)
+        raise InvalidArgumentError(msg)
     _books.limit = nbytes
 
 
