@@ -423,12 +423,12 @@ def _run_pending_handlers() -> None:
 
 
 class _InterruptAt:
-    """A tracer that raises KeyboardInterrupt before the ``n``-th bytecode run in the fake GPU or a finalizer."""
+    """A tracer that raises KeyboardInterrupt before the ``n``-th bytecode run in ``files`` (by default the fake GPU
+    and weakref, where finalizers run)."""
 
-    files = frozenset({fakegpu.__file__, weakref.__file__})
-
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, files: frozenset[str] = frozenset({fakegpu.__file__, weakref.__file__})) -> None:
         self.n = n
+        self.files = files
         self.seen = 0
 
     def __call__(self, frame: types.FrameType, event: str, arg: object) -> _InterruptAt | None:

@@ -7,13 +7,13 @@ import gc
 import sys
 import textwrap
 import threading
-import types
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from ondevice.testing import fake_gpu, fakegpu
+from tests.testing.test_fakegpu import _InterruptAt
 
 F0 = "fakegpu:0"
 F1 = "fakegpu:1"
@@ -445,31 +445,13 @@ def test_fake_gpu_pinned_limit_zero_allows_no_pinning() -> None:
 # ---------------------------------------------------------------- Ctrl-C
 
 
-class _InterruptAt:
-    """A tracer that raises KeyboardInterrupt before the ``n``-th bytecode run in the fake GPU's module."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.seen = 0
-
-    def __call__(self, frame: types.FrameType, event: str, arg: object) -> _InterruptAt | None:
-        if frame.f_code.co_filename != fakegpu.__file__:
-            return None
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            self.seen += 1
-            if self.seen == self.n:
-                raise KeyboardInterrupt
-        return self
-
-
 def _until_every_bytecode_was_hit(workout: functools.partial[None], check: functools.partial[None]) -> int:
     """Run ``workout`` with an interrupt before its 1st, 2nd, ... bytecode, and ``check`` after each run."""
     previous_tracer = sys.gettrace()
     n = 0
     while True:
         n += 1
-        tracer = _InterruptAt(n)
+        tracer = _InterruptAt(n, files=frozenset({fakegpu.__file__}))
         state = workout()
         sys.settrace(tracer)
         try:
