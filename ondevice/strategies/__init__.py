@@ -50,9 +50,10 @@ class Part:
     Subclasses implement :attr:`key`, :meth:`tensors`, :meth:`load`,
     :meth:`offload` and :meth:`is_on` (the base class raises
     ``NotImplementedError`` naming the subclass); :meth:`same_weights`,
-    :meth:`point_at` and :meth:`restore` default to doing nothing, like
-    accelerate's ``ModelHook``.  :attr:`path` names how the part moves its
-    weights in every :class:`~ondevice.events.MoveEvent`.
+    :meth:`point_at`, :meth:`restore` and :meth:`join` default to doing
+    nothing (:meth:`prefetch` to :meth:`load`), like accelerate's ``ModelHook``.
+    :attr:`path` names how the part moves its weights in every
+    :class:`~ondevice.events.MoveEvent`.
 
     Thread semantics: only the residency table moves a part, one move at a time.
 
@@ -131,6 +132,22 @@ class Part:
     def restore(self) -> None:
         """Undo :meth:`point_at` once the weights leave the device; default: nothing to undo."""
 
+    def prefetch(self, device: torch.device) -> None:
+        """Start putting every weight on ``device`` without making the current stream wait for the copies.
+
+        The copies may still be in flight when this returns; :meth:`join` makes the current
+        stream wait for them.  On failure leave everything on the CPU and raise.  Default: :meth:`load`
+        (a part without side-stream copies loads now, in full).
+        """
+        self.load(device)
+
+    def join(self) -> None:
+        """Make the current stream wait for the copies of the latest :meth:`prefetch`; default: nothing to wait for.
+
+        Called by the residency table when a scope claims weights that were prefetched, before the
+        scope's block runs; cheap when the copies have landed.
+        """
+
 
 def _required(part: Part, what: str) -> str:
     return (
@@ -180,6 +197,18 @@ class _Adapted(Part):
         restore = getattr(self.wrapped, "restore", None)
         if callable(restore):
             restore()
+
+    def prefetch(self, device: torch.device) -> None:
+        prefetch = getattr(self.wrapped, "prefetch", None)
+        if callable(prefetch):
+            prefetch(device)
+        else:
+            self.wrapped.load(device)
+
+    def join(self) -> None:
+        join = getattr(self.wrapped, "join", None)
+        if callable(join):
+            join()
 
     def __repr__(self) -> str:
         return repr(self.wrapped)
