@@ -52,6 +52,8 @@ class MoveEvent:
         path: how the part moved its weights (``"module.to"``, ``"zero-copy"``, ``"comfyui"``, ...).
         copied: bytes the move copied between devices, where the part counts them (a zero-copy
             offload copies only what changed on the device); ``None`` where it does not.
+        reason: why the move took a slower path than the part's fast one (pageable copies past the
+            pinned-memory cap, ComfyUI's own path for a dynamic-VRAM patcher, ...), or ``None``.
     """
 
     component: str
@@ -63,6 +65,7 @@ class MoveEvent:
     stream: str | None
     path: str
     copied: int | None = None
+    reason: str | None = None
 
 
 Listener = Callable[[MoveEvent], object]

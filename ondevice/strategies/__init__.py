@@ -98,6 +98,9 @@ class Part:
     last_stream: str | None = None
     """The side stream the latest move copied on (``None``: the default stream)."""
 
+    last_fallback: str | None = None
+    """Why the latest move took a slower path than this part's fast one (``MoveEvent.reason``), or ``None``."""
+
     @property
     def key(self) -> object:
         """The object whose identity names these weights (shared by clones)."""

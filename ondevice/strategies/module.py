@@ -65,7 +65,17 @@ from ondevice.devices import CPU
 from ondevice.pinning import Pinning, pin
 from ondevice.strategies import Part
 
-__all__ = ["ModulePart", "ModuleStrategy", "all_on", "module_tensors", "placement"]
+__all__ = [
+    "ModulePart",
+    "ModuleStrategy",
+    "Staging",
+    "all_on",
+    "join",
+    "module_tensors",
+    "placement",
+    "point_back",
+    "stage",
+]
 
 
 def module_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:
@@ -183,8 +193,155 @@ class _Masters:
 _masters = _Masters()
 
 
+@dataclass(frozen=True)
+class Staging:
+    """How :func:`stage` went: bytes copied host -> device, from pinned memory or not, on which side stream."""
+
+    copied: int
+    pinned: bool
+    stream: str | None = None
+    fallback: str | None = None  # why the copies came from pageable memory (the pinned-memory cap, ...), or None
+
+
+class _Landing:
+    """Per module (by identity, held weakly): the event its latest side-stream copies record, until joined."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, tuple[weakref.ref[torch.nn.Module], Any, torch.device]] = {}
+
+    def put(self, module: torch.nn.Module, event: Any, device: torch.device) -> None:
+        with self._lock:
+            self._events[id(module)] = (weakref.ref(module), event, device)
+
+    def take(self, module: torch.nn.Module) -> tuple[Any, torch.device] | None:
+        with self._lock:
+            entry = self._events.pop(id(module), None)
+        if entry is None or entry[0]() is not module:
+            return None
+        return entry[1], entry[2]
+
+
+_landing = _Landing()
+
+
+def stage(
+    module: torch.nn.Module,
+    device: torch.device,
+    *,
+    skip: frozenset[str] = frozenset(),
+    wait: bool = True,
+) -> Staging:
+    """Copy ``module``'s CPU parameters and buffers to ``device``, keeping the CPU tensors as masters.
+
+    Names in ``skip`` stay where they are (ComfyUI patches them from their CPU
+    tensors).  The masters are pinned in place first (within the cap); pinned
+    copies run with ``non_blocking`` on a side stream.  With ``wait`` the current
+    stream waits for them before this returns (work queued on it reads landed
+    weights; the host does not wait); without, :func:`join` makes it wait later
+    (a prefetch).  Pageable copies are synchronous.  The masters of tensors that
+    were on the device already and are unchanged are kept.  On failure the
+    tensors this call moved point back at their masters, and it raises.
+    """
+    kept = _masters.take(module)  # an earlier load's, for tensors still on the device unchanged
+    named = _named_tensors(module)
+    before = {name: _master_of(t) for name, t in named.items() if t.device == CPU and name not in skip}
+    move = {id(t) for name, t in named.items() if t.device == CPU and name not in skip}
+    copied = _bytes_off((t for name, t in named.items() if name not in skip), device)  # before: CUDA swaps in place
+    pinning = pin(module, device) if before else Pinning(pinned=False)  # nothing to copy: nothing to pin
+
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=pinning.pinned) if id(tensor) in move else tensor
+
+    stream = None
+    try:
+        with torch.inference_mode(False):
+            if pinning.pinned:
+                stream = _copy_on_side_stream(module, device, to_device, wait=wait)
+            elif move:
+                module._apply(to_device)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
+    except BaseException:  # copies still queued on the side stream may be dropped: the stream orders reuse
+        _masters.put(module, _loaded(module, before, kept))
+        point_back(module)  # what the load made is unmodified: no copy; the rest is copied back
+        raise
+    _masters.put(module, _loaded(module, before, kept))
+    return Staging(copied=copied, pinned=pinning.pinned, stream=stream, fallback=pinning.reason)
+
+
+def _copy_on_side_stream(module: torch.nn.Module, device: torch.device, to_device: Any, *, wait: bool) -> str:
+    """Apply ``to_device`` (non-blocking copies) on a side stream of ``device``; returns the stream's name.
+
+    With ``wait`` the current stream waits for the copies at once; else the
+    event is kept for :func:`join`.
+    """
+    backend = torch.get_device_module(device)
+    current = backend.current_stream(device)
+    side = backend.Stream(device)
+    side.wait_stream(current)  # device memory freed by work queued so far is not overwritten while that work runs
+    with backend.stream(side):
+        module._apply(to_device)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
+        landed = backend.Event()
+        landed.record(side)
+    for tensor in module_tensors(module):
+        if _is_on(tensor.device, device):
+            tensor.record_stream(current)  # allocated on the side stream, used on the current one
+    if wait:
+        current.wait_event(landed)  # without it a forward on the current stream reads weights still in flight
+    else:
+        _landing.put(module, landed, device)
+    return f"{device}:side"
+
+
+def join(module: torch.nn.Module) -> None:
+    """Make the current stream wait for ``module``'s copies that :func:`stage` left in flight (``wait=False``)."""
+    found = _landing.take(module)
+    if found is not None:
+        landed, device = found
+        torch.get_device_module(device).current_stream(device).wait_event(landed)
+
+
+def point_back(module: torch.nn.Module, *, copy_others: bool = True) -> int | None:
+    """Offload zero-copy: unchanged device tensors become their masters again; returns the bytes copied.
+
+    With ``copy_others`` every other device tensor is copied to the CPU (into
+    new host memory); without, it is left where it is (ComfyUI restores
+    patched weights from its own backups, and moves the rest).  ``None`` where
+    ``module`` has no masters (nothing to point back at).
+    """
+    masters = _masters.take(module)
+    if not masters:
+        return None
+    join(module)  # an offload before the prefetch was claimed: the copies are done before their source is reused
+    targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(device tensor) -> (it, its master)
+    for name, tensor in _named_tensors(module).items():
+        master = masters.get(name)
+        if master is not None and master.unchanged(tensor):
+            targets[id(tensor)] = (tensor, master.cpu)
+    copied = 0
+
+    def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal copied
+        found = targets.get(id(tensor))
+        if found is not None and found[0] is tensor:
+            return found[1]
+        if tensor.device == CPU or not copy_others:
+            return tensor
+        copied += _nbytes(tensor)
+        with torch.inference_mode(False):  # a copy is a normal tensor, whatever the masters are
+            return tensor.to(CPU)
+
+    # _apply swaps param.data where it can (CPU <-> CUDA) and makes new Parameters where it cannot (the fake
+    # GPU, torch.__future__ overwrite/swap modes); either way requires_grad and Parameter-ness are kept.
+    with torch.inference_mode(any(master.cpu.is_inference() for master in masters.values())):
+        module._apply(to_cpu)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
+    if not copy_others and len(targets) < len(masters):  # masters of tensors left on the device: a later pass
+        named = _named_tensors(module)
+        _masters.put(module, {name: m for name, m in masters.items() if name in named and named[name].device != CPU})
+    return copied
+
+
 class ModulePart(Part):
-    """A plain module: loaded with ``module.to(device)``, offloaded zero-copy (see the module docstring).
+    """A plain module: loaded by :func:`stage`, offloaded by :func:`point_back` (see the module docstring).
 
     Both moves run outside ``torch.inference_mode`` (so the device tensors
     track versions and a module used under inference mode never comes back
@@ -207,9 +364,6 @@ class ModulePart(Part):
     last_stream: str | None = None
     """The side stream the latest move copied on (``"cuda:0:side"``), or ``None`` for the current stream."""
 
-    last_fallback: str | None = None
-    """Why the latest load copied from pageable memory (the pinned-memory cap, a failed registration), or None."""
-
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
 
@@ -221,54 +375,29 @@ class ModulePart(Part):
         return module_tensors(self.module)
 
     def load(self, device: torch.device) -> None:
+        self._load(device, wait=True)
+
+    def prefetch(self, device: torch.device) -> None:
+        self._load(device, wait=False)
+
+    def join(self) -> None:
+        join(self.module)
+
+    def _load(self, device: torch.device, *, wait: bool) -> None:
         if not self._plain_to():
             self._move_all(device)
             return
-        kept = _masters.take(self.module)  # an earlier load's, for tensors still on the device unchanged
-        named = _named_tensors(self.module)
-        before = {name: _master_of(tensor) for name, tensor in named.items() if tensor.device == CPU}
-        copied = _bytes_off(named.values(), device)  # before the move: CUDA swaps a parameter's data in place
-        pinning = pin(self.module, device) if before else Pinning(pinned=False)  # nothing to copy: nothing to pin
-        self.last_pinned, self.last_stream, self.last_fallback = pinning.pinned, None, pinning.reason
-        try:
-            with torch.inference_mode(False):
-                if pinning.pinned:
-                    self.last_stream = self._copy_on_side_stream(device)
-                else:
-                    self.module.to(device)
-        except BaseException:  # copies still queued on the side stream may be dropped: the stream orders reuse
-            self._point_back(_loaded(self.module, before, kept))  # what the load made is unmodified: no copy
-            raise
-        _masters.put(self.module, _loaded(self.module, before, kept))
-        self.last_move, self.copied_bytes = "module.to", copied
-
-    def _copy_on_side_stream(self, device: torch.device) -> str:
-        """Copy the (pinned) module to ``device`` with ``non_blocking`` on a side stream; returns the stream's name.
-
-        The current stream waits for the copy before this returns, so work queued on it (a forward in the
-        block) reads the weights only once they landed; the host does not wait.
-        """
-        backend = torch.get_device_module(device)
-        current = backend.current_stream(device)
-        side = backend.Stream(device)
-        side.wait_stream(current)  # device memory freed by work queued so far is not overwritten while that work runs
-        with backend.stream(side):
-            self.module.to(device, non_blocking=True)
-            landed = backend.Event()
-            landed.record(side)
-        current.wait_event(landed)  # without it a forward on the current stream reads weights still in flight
-        for tensor in self.tensors():
-            if _is_on(tensor.device, device):
-                tensor.record_stream(current)  # allocated on the side stream, used on the current one
-        return f"{device}:side"
+        staging = stage(self.module, device, wait=wait)
+        self.last_pinned, self.last_stream, self.last_fallback = staging.pinned, staging.stream, staging.fallback
+        self.last_move, self.copied_bytes = "module.to", staging.copied
 
     def offload(self) -> None:
         self.last_pinned, self.last_stream, self.last_fallback = False, None, None
-        masters = _masters.take(self.module)
-        if masters and self._plain_to():
-            self._point_back(masters)
-        else:
+        copied = point_back(self.module) if self._plain_to() else None
+        if copied is None:
             self._move_all(CPU)
+        else:
+            self.last_move, self.copied_bytes = "zero-copy", copied
 
     def is_on(self, device: torch.device) -> bool:
         return all_on(self.tensors(), device)
@@ -289,31 +418,6 @@ class ModulePart(Part):
                 with torch.inference_mode(False):
                     self.module.to(CPU)
             raise
-
-    def _point_back(self, masters: dict[str, _Master]) -> None:
-        """Offload: unchanged device tensors become their masters again, every other one is copied to the CPU."""
-        targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(device tensor) -> (it, its master)
-        for name, tensor in _named_tensors(self.module).items():
-            master = masters.get(name)
-            if master is not None and master.unchanged(tensor):
-                targets[id(tensor)] = (tensor, master.cpu)
-        copied = 0
-
-        def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal copied
-            found = targets.get(id(tensor))
-            if found is not None and found[0] is tensor:
-                return found[1]
-            if tensor.device != CPU:
-                copied += _nbytes(tensor)
-            with torch.inference_mode(False):  # a copy is a normal tensor, whatever the masters are
-                return tensor.to(CPU)
-
-        # _apply swaps param.data where it can (CPU <-> CUDA) and makes new Parameters where it cannot (the fake
-        # GPU, torch.__future__ overwrite/swap modes); either way requires_grad and Parameter-ness are kept.
-        with torch.inference_mode(any(master.cpu.is_inference() for master in masters.values())):
-            self.module._apply(to_cpu)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
-        self.last_move, self.copied_bytes = "zero-copy", copied
 
     def __repr__(self) -> str:
         return f"ModulePart({type(self.module).__name__})"
