@@ -30,7 +30,7 @@ import torch
 
 from ondevice.errors import ComfyUINotFoundError
 
-__all__ = ["ComfyUIInfo", "comfyui_info", "import_comfy", "use_comfyui"]
+__all__ = ["ComfyUIInfo", "comfyui_info", "comfyui_lock", "import_comfy", "use_comfyui"]
 
 log = logging.getLogger("ondevice")
 
@@ -38,6 +38,12 @@ _lock = threading.RLock()
 _user_path: Path | None = None
 _info: ComfyUIInfo | None = None
 _import_hooks: list[Callable[[types.ModuleType], None]] = []
+
+comfyui_lock = threading.RLock()
+"""Serializes everything that reads or changes ComfyUI's model-management state (its loaded-model list has no
+lock of its own): ondevice's moves of ComfyUI components, ComfyUI's ``load_models_gpu`` / ``free_memory`` (once
+guarded, see :mod:`ondevice.strategies.comfy`) and ondevice's CPU-first loaders.  Re-entrant.  Never taken
+while the residency table's state lock is held, so moves of plain modules never wait for it."""
 
 
 def add_import_hook(hook: Callable[[types.ModuleType], None]) -> Callable[[], None]:

@@ -12,9 +12,10 @@ on the CPU and none is in ComfyUI's list.
 Files are checked before ComfyUI reads them (:mod:`ondevice.files`), so a missing,
 empty, truncated, malformed or foreign file gets a clear error naming it.
 
-Thread semantics: loads are serialized by a process-wide lock and hold the
-residency table's lock while they switch ComfyUI's module-level memory mode,
-so no scope and no guarded ComfyUI memory call runs meanwhile.
+Thread semantics: loads are serialized by a process-wide lock and hold
+:data:`ondevice.comfyui.comfyui_lock` while they switch ComfyUI's module-level
+memory mode, so no move of a ComfyUI component and no guarded ComfyUI memory
+call runs meanwhile.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ondevice.comfyui import import_comfy
+from ondevice.comfyui import comfyui_lock, import_comfy
 from ondevice.devices import CPU
 from ondevice.errors import (
     CheckpointError,
@@ -40,7 +41,6 @@ from ondevice.errors import (
 )
 from ondevice.files import FileInfo, check_file
 from ondevice.placement import offload
-from ondevice.residency import table
 from ondevice.strategies import Expand, register_strategy
 
 __all__ = ["Checkpoint", "load_checkpoint", "load_diffusion_model", "load_text_encoders", "load_vae"]
@@ -82,7 +82,7 @@ def _cpu_first(mm: Any) -> Iterator[None]:
     ``DISABLE_SMART_MEMORY`` makes ``unet_inital_load_device`` return the CPU;
     HIGH_VRAM / SHARED are checked before it, so they are lowered to NORMAL_VRAM.
     """
-    with _lock, table.lock:  # ComfyUI's own memory management (guarded by the table's lock) waits meanwhile
+    with _lock, comfyui_lock:  # ComfyUI's own memory management (guarded by this lock) waits meanwhile
         saved = mm.DISABLE_SMART_MEMORY, mm.vram_state
         mm.DISABLE_SMART_MEMORY = True
         if mm.vram_state in (mm.VRAMState.HIGH_VRAM, mm.VRAMState.SHARED):

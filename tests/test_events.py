@@ -92,14 +92,14 @@ def test_failed_move_emits_nothing(fake_gpu: FakeGPU) -> None:
     assert moves == []
 
 
-def test_comfyui_patcher_scope_emits_comfyui_events(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
-    """The SD1.5 UNet's scope emits a load and an offload by path 'comfyui' with the model's parameter+buffer bytes."""
+def test_comfyui_patcher_scope_emits_staged_and_zero_copy_events(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> None:
+    """The SD1.5 UNet's scope emits a pinned, staged load of every byte and a zero-copy offload copying none."""
     size = nbytes(sd15.model.model)
     with capture_moves() as moves, on_gpu(sd15.model):
         pass
-    assert [(e.component, e.source, e.target, e.nbytes, e.path) for e in moves] == [
-        ("PatcherPart(BaseModel)", CPU, fake_gpu.device, size, "comfyui"),
-        ("PatcherPart(BaseModel)", fake_gpu.device, CPU, size, "comfyui"),
+    assert [(e.component, e.source, e.target, e.nbytes, e.path, e.copied, e.pinned) for e in moves] == [
+        ("PatcherPart(BaseModel)", CPU, fake_gpu.device, size, "staged", size, True),
+        ("PatcherPart(BaseModel)", fake_gpu.device, CPU, size, "zero-copy", 0, False),
     ]
 
 

@@ -41,12 +41,13 @@ import comfy.model_management as mm
 import comfy.model_patcher as mp
 import torch
 
+from ondevice.comfyui import comfyui_lock
 from ondevice.devices import CPU
 from ondevice.errors import MissingWeightsError, OnDeviceError
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
 from ondevice.strategies import Part, register_strategy
-from ondevice.strategies.module import all_on, module_tensors
+from ondevice.strategies.module import all_on, join, module_tensors, placement, point_back, stage
 
 __all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
 
@@ -242,6 +243,13 @@ class PatcherPart(Part):
 
     path = "comfyui"
 
+    last_move: str | None = "comfyui"
+    """How the latest move went: ``"staged"`` (a load whose weights ondevice copied in before ComfyUI's load),
+    ``"zero-copy"`` (an offload that pointed unchanged weights back at their CPU masters), or ``"comfyui"``
+    (ComfyUI's own path, every byte copied; ``last_fallback`` says why)."""
+
+    copied_bytes: int | None = None
+
     def __init__(self, patcher: Any, retarget: Sequence[tuple[object, str]] = ()) -> None:
         self.patcher = patcher
         self._retarget = [(patcher, "load_device"), *retarget]
@@ -275,23 +283,58 @@ class PatcherPart(Part):
         return bool(self.patcher.clone_has_same_weights(patcher))
 
     def load(self, device: torch.device) -> None:
+        self._load(device, wait=True)
+
+    def prefetch(self, device: torch.device) -> None:
+        self._load(device, wait=False)
+
+    def join(self) -> None:
+        join(self.patcher.model)
+
+    def _load(self, device: torch.device, *, wait: bool) -> None:
         dynamic = _is_dynamic(self.patcher)
-        try:
-            if dynamic:
-                self._unload_all(keep=device)  # ComfyUI's reload reuses pages still resident here
-            elif not self.is_on(device):
-                self._unload_all()  # a partial (lowvram) or stale load is not upgraded in place
-            mm.load_models_gpu([self.patcher], force_full_load=not dynamic)
-            if dynamic:
-                _fault_in(self.patcher, device)
-            if not self.is_on(device):
-                raise OnDeviceError(self._not_loaded_message(device))
-        except BaseException:
-            self._unload_all()
-            raise
+        with comfyui_lock:
+            try:
+                if dynamic:
+                    self._unload_all(keep=device)  # ComfyUI's reload reuses pages still resident here
+                elif not self.is_on(device):
+                    self._unload_all()  # a partial (lowvram) or stale load is not upgraded in place
+                self._stage(device, wait=wait, dynamic=dynamic)
+                mm.load_models_gpu([self.patcher], force_full_load=not dynamic)
+                if dynamic:
+                    _fault_in(self.patcher, device)
+                if not self.is_on(device):
+                    raise OnDeviceError(self._not_loaded_message(device))
+            except BaseException:
+                self._unload_all()
+                raise
+
+    def _stage(self, device: torch.device, *, wait: bool, dynamic: bool) -> None:
+        """Copy the weights ComfyUI's load would copy unchanged onto ``device`` first, from pinned masters.
+
+        ComfyUI's ``load_models_gpu`` then finds them there (its ``module.to`` is a no-op for them) and does
+        its bookkeeping (loaded list, ``loaded_size``, ``model.device``) and its patches as always.  Weights
+        ComfyUI patches stay on the CPU: it backs up the CPU tensor itself (no copy) and computes the patched
+        weight on the device.
+        """
+        self.last_pinned, self.last_stream, self.copied_bytes = False, None, None
+        self.last_move, self.last_fallback = "comfyui", _fast_path_blocker(self.patcher, dynamic=dynamic)
+        if self.last_fallback is not None:
+            return
+        skip = _left_to_comfyui(self.patcher)
+        _make_room(self.patcher.model, device, skip)
+        staging = stage(self.patcher.model, device, skip=skip, wait=wait)
+        self.last_move, self.copied_bytes = "staged", staging.copied
+        self.last_pinned, self.last_stream, self.last_fallback = staging.pinned, staging.stream, staging.fallback
 
     def offload(self) -> None:
-        self._unload_all()
+        self.last_pinned, self.last_stream, self.last_fallback = False, None, None
+        with comfyui_lock:
+            model = self.patcher.model
+            pointed = point_back(model, copy_others=False)  # ComfyUI's unload then moves only what is left
+            copied = _bytes_comfyui_copies(self.patcher) if pointed is not None else None
+            self._unload_all()
+        self.last_move, self.copied_bytes = ("comfyui", None) if copied is None else ("zero-copy", copied)
 
     def _not_loaded_message(self, device: torch.device) -> str:
         name = type(self.patcher.model).__name__
@@ -319,6 +362,7 @@ class PatcherPart(Part):
 
     def _settle_on_cpu(self) -> None:
         patcher = self.patcher
+        point_back(patcher.model, copy_others=False)  # weights an object patch hid from ComfyUI's unload
         if not all_on(self.tensors(), CPU):
             _detach_to_cpu(patcher)
         if getattr(patcher.model, "device", CPU) != CPU:
@@ -347,6 +391,45 @@ class PatcherPart(Part):
 
     def __repr__(self) -> str:
         return f"PatcherPart({type(self.patcher.model).__name__})"
+
+
+def _fast_path_blocker(patcher: Any, *, dynamic: bool) -> str | None:
+    """Why ondevice leaves every copy of ``patcher``'s load to ComfyUI, or ``None`` where it stages them."""
+    if dynamic:
+        return "dynamic VRAM (comfy-aimdo): ComfyUI stages the weights in its VBAR itself"
+    if mm.vram_state == mm.VRAMState.NO_VRAM:
+        return "ComfyUI runs with --novram: it loads layer by layer"
+    if type(patcher.model).to is not torch.nn.Module.to:
+        return f"{type(patcher.model).__name__} overrides to(): moved by ComfyUI only"
+    return None
+
+
+def _make_room(model: torch.nn.Module, device: torch.device, skip: frozenset[str]) -> None:
+    """Let ComfyUI evict what it keeps loaded but no scope holds, as its own load would, before ondevice copies."""
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    need = sum(t.numel() * t.element_size() for name, t in named.items() if t.device == CPU and name not in skip)
+    if need and need > mm.get_free_memory(device):
+        mm.free_memory(need, device)  # guarded: never evicts what live scopes hold
+
+
+def _left_to_comfyui(patcher: Any) -> frozenset[str]:
+    """Names ComfyUI must move itself: weights it patches, and what object patches replace or hide."""
+    patched = set(getattr(patcher, "patches", {}) or {})
+    hidden = tuple(f"{name}." for name in getattr(patcher, "object_patches", {}) or {})
+    if hidden:
+        names = [*(n for n, _ in patcher.model.named_parameters()), *(n for n, _ in patcher.model.named_buffers())]
+        patched.update(name for name in names if name.startswith(hidden))
+    return frozenset(patched)
+
+
+def _bytes_comfyui_copies(patcher: Any) -> int:
+    """Bytes ComfyUI's unload will copy to the CPU: weights still on a device, but those it restores from backups."""
+    backup = getattr(patcher, "backup", {}) or {}
+    named: dict[str, torch.Tensor] = dict(patcher.model.named_parameters())
+    named.update(patcher.model.named_buffers())
+    left = (tensor for name, tensor in named.items() if tensor.device != CPU and name not in backup)
+    return sum(size for device, size in placement(left).items() if device != CPU)
 
 
 class PatcherStrategy:
@@ -421,7 +504,7 @@ def _held_entries() -> list[Any]:
 def _guard_free_memory(free_memory: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(free_memory)
     def guarded_free_memory(memory_required: Any, device: Any, keep_loaded: Any = (), *args: Any, **kwargs: Any) -> Any:
-        with table.lock:
+        with comfyui_lock:
             _relock_held()
             keep = [*keep_loaded, *_held_entries()]
             return free_memory(memory_required, device, keep, *args, **kwargs)  # for_dynamic, pins_required, ...
@@ -432,7 +515,7 @@ def _guard_free_memory(free_memory: Callable[..., Any]) -> Callable[..., Any]:
 def _guard_load_models_gpu(load_models_gpu: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_models_gpu)
     def guarded_load_models_gpu(*args: Any, **kwargs: Any) -> Any:
-        with table.lock:
+        with comfyui_lock:
             return load_models_gpu(*args, **kwargs)
 
     return guarded_load_models_gpu
@@ -464,8 +547,8 @@ def install_guard() -> None:
       (ComfyUI's executor resets those locks after every node).  Every other
       argument (``for_dynamic``, ``pins_required``, ``ram_required``, ...)
       passes through unchanged.
-    - Both take the residency table's lock, because ComfyUI's loaded-model
-      list has none.
+    - Both take :data:`ondevice.comfyui.comfyui_lock`, as ondevice's moves of
+      ComfyUI components do, because ComfyUI's loaded-model list has no lock.
 
     Copies of the two functions that other modules imported by name (``from
     comfy.model_management import free_memory``) are replaced too.  Idempotent;
@@ -478,7 +561,7 @@ def install_guard() -> None:
         remove_guard()  # ComfyUI's functions exactly as they were
         install_guard()  # guarded again
     """
-    with table.lock:
+    with comfyui_lock:
         if _guards:
             return
         originals = {name: getattr(mm, name) for name in _GUARDED}
@@ -505,7 +588,7 @@ def remove_guard() -> None:
     entry or exit.  Idempotent; thread-safe; :func:`install_guard` puts the
     guard back.
     """
-    with table.lock:
+    with comfyui_lock:
         _replace_everywhere(dict(_guards))
         _guards.clear()
 
