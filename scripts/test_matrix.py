@@ -3,9 +3,11 @@
 Usage: ``python scripts/test_matrix.py [--pytest-args ARGS] NAME=PYTHON[@COMFYUI_PATH] ...``
 
 Each suite runs in its own process, one after the other, with ``COMFYUI_PATH`` set where a checkout
-is named (unset otherwise, so the venv's own ``comfy`` package is used). Every suite runs even if an
-earlier one failed. The table goes to stdout and to ``.cache/matrix-results.md``, then one closing
-line with the totals; the exit status is 1 if any suite failed.
+is named (unset otherwise, so the venv's own ``comfy`` package is used), followed by the fake-GPU
+``python -m ondevice bench --quick --check-bytes`` in the same environment (it fails when ondevice's
+exit copies weights device -> host). Every suite runs even if an earlier one failed. The table goes to
+stdout and to ``.cache/matrix-results.md``, then one closing line with the totals; the exit status is 1
+if any suite or bench failed.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ class Result:
     counts: dict[str, int]
     seconds: float
     returncode: int
+    bench: int = 0  # exit status of `ondevice bench --quick --check-bytes`
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0
+        return self.returncode == 0 and self.bench == 0
 
 
 def _run(name: str, spec: str, pytest_args: list[str]) -> Result:
@@ -54,16 +57,24 @@ def _run(name: str, spec: str, pytest_args: list[str]) -> Result:
             last = line
     returncode = proc.wait()
     counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in COUNTS.findall(last)}
-    return Result(name, checkout or "venv's comfy package", counts, time.monotonic() - start, returncode)
+    bench = [python, "-m", "ondevice", "bench", "--quick", "--check-bytes", "--json", f".cache/bench-{name}.json"]
+    print(f"\n=== {name}: {' '.join(bench[1:])}")
+    sys.stdout.flush()
+    bench_status = subprocess.call(bench, cwd=ROOT, env=env)  # noqa: S603
+    return Result(name, checkout or "venv's comfy package", counts, time.monotonic() - start, returncode, bench_status)
 
 
 def _table(results: list[Result]) -> str:
-    rows = ["| ComfyUI | result | passed | failed | errors | skipped | seconds |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| ComfyUI | result | passed | failed | errors | skipped | bench --quick --check-bytes | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         c = r.counts
         rows.append(
-            f"| {r.name} | {'pass' if r.ok else f'FAIL (exit {r.returncode})'} | {c.get('passed', 0)} | "
-            f"{c.get('failed', 0)} | {c.get('error', 0)} | {c.get('skipped', 0)} | {r.seconds:.0f} |"
+            f"| {r.name} | {'pass' if r.returncode == 0 else f'FAIL (exit {r.returncode})'} | {c.get('passed', 0)} | "
+            f"{c.get('failed', 0)} | {c.get('error', 0)} | {c.get('skipped', 0)} | "
+            f"{'pass' if r.bench == 0 else f'FAIL (exit {r.bench})'} | {r.seconds:.0f} |"
         )
     return "\n".join(rows)
 
@@ -83,7 +94,11 @@ def main() -> int:
     out.write_text(table + "\n")
     print("\n" + table + "\n")
     total = {k: sum(r.counts.get(k, 0) for r in results) for k in ("passed", "failed", "error", "skipped")}
-    print(f"matrix: {total['passed']} passed, {total['failed'] + total['error']} failed, {total['skipped']} skipped")
+    benches = sum(r.bench == 0 for r in results)
+    print(
+        f"matrix: {total['passed']} passed, {total['failed'] + total['error']} failed, {total['skipped']} skipped; "
+        f"bench --quick --check-bytes passed on {benches} of {len(results)}"
+    )
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -87,9 +87,16 @@ def test_bytes_each_way_match_the_fake_gpus_counters(quick: Run) -> None:
         assert result["fake_enter_copies"] == result["enter_copies"], name
         assert result["fake_exit_copies"] == result["exit_copies"], name
     ours = quick.report["paths"]["ondevice"]
-    assert ours["exit_copies"]["d2h"] in (0, nbytes)
+    assert ours["exit_copies"]["d2h"] == 0  # the fast path points unmodified weights back at their CPU masters
     assert ours["device_left_bytes"] == 0  # free device memory back to its baseline
     assert [(e["source"], e["target"]) for e in ours["events"]] == [("cpu", "fakegpu:0"), ("fakegpu:0", "cpu")]
+
+
+def test_check_bytes_passes_on_the_fast_path(quick: Run) -> None:
+    """`ondevice bench --quick --check-bytes` exits 0: ondevice's exit copied no weight device -> host."""
+    assert quick.status == 0, quick.err
+    assert quick.report["paths"]["ondevice"]["exit_copies"] == {"h2d": 0, "d2h": 0}
+    assert {e["path"] for e in quick.report["paths"]["ondevice"]["events"]} == {"staged", "zero-copy"}
 
 
 def test_check_bytes_exit_status_follows_the_exit_bytes(quick: Run) -> None:
