@@ -47,7 +47,7 @@ from ondevice.errors import MissingWeightsError, OnDeviceError
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
 from ondevice.strategies import Part, register_strategy
-from ondevice.strategies.module import all_on, join, module_tensors, placement, point_back, stage
+from ondevice.strategies.module import all_on, join, module_tensors, point_back, stage
 
 __all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
 
@@ -332,7 +332,7 @@ class PatcherPart(Part):
         with comfyui_lock:
             model = self.patcher.model
             pointed = point_back(model, copy_others=False)  # ComfyUI's unload then moves only what is left
-            copied = _bytes_comfyui_copies(self.patcher) if pointed is not None else None
+            copied = None if pointed is None else _bytes_comfyui_copies(self.patcher, pointed.left)
             self._unload_all()
         self.last_move, self.copied_bytes = ("comfyui", None) if copied is None else ("zero-copy", copied)
 
@@ -423,13 +423,11 @@ def _left_to_comfyui(patcher: Any) -> frozenset[str]:
     return frozenset(patched)
 
 
-def _bytes_comfyui_copies(patcher: Any) -> int:
-    """Bytes ComfyUI's unload will copy to the CPU: weights still on a device, but those it restores from backups."""
+def _bytes_comfyui_copies(patcher: Any, left: dict[str, int]) -> int:
+    """Bytes ComfyUI's unload will copy to the CPU: what :func:`point_back` ``left``, but weights it restores from
+    its backups."""
     backup = getattr(patcher, "backup", {}) or {}
-    named: dict[str, torch.Tensor] = dict(patcher.model.named_parameters())
-    named.update(patcher.model.named_buffers())
-    left = (tensor for name, tensor in named.items() if tensor.device != CPU and name not in backup)
-    return sum(size for device, size in placement(left).items() if device != CPU)
+    return sum(nbytes for name, nbytes in left.items() if name not in backup)
 
 
 class PatcherStrategy:

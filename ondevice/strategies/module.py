@@ -300,18 +300,98 @@ def join(module: torch.nn.Module) -> None:
         torch.get_device_module(device).current_stream(device).wait_event(landed)
 
 
-def point_back(module: torch.nn.Module, *, copy_others: bool = True) -> int | None:
-    """Offload zero-copy: unchanged device tensors become their masters again; returns the bytes copied.
+@dataclass(frozen=True)
+class PointedBack:
+    """How :func:`point_back` went: bytes it copied to the CPU, and the tensors it left on the device (by name)."""
+
+    copied: int
+    left: dict[str, int]  # name -> bytes, where copy_others=False left a tensor on the device
+
+
+def point_back(module: torch.nn.Module, *, copy_others: bool = True) -> PointedBack | None:
+    """Offload zero-copy: unchanged device tensors become their masters again.
 
     With ``copy_others`` every other device tensor is copied to the CPU (into
     new host memory); without, it is left where it is (ComfyUI restores
-    patched weights from its own backups, and moves the rest).  ``None`` where
-    ``module`` has no masters (nothing to point back at).
+    patched weights from its own backups, and moves the rest), and the masters
+    of those left are kept for a later call.  ``None`` where ``module`` has no
+    masters (nothing to point back at).
     """
     masters = _masters.take(module)
     if not masters:
         return None
     join(module)  # an offload before the prefetch was claimed: the copies are done before their source is reused
+    inference = any(master.cpu.is_inference() for master in masters.values())
+    with torch.inference_mode(inference):  # torch sets .data to an inference tensor only inside it
+        result = _repoint(module, masters, copy_others=copy_others)
+        if result is None:  # gradients to move too, or torch's overwrite / swap conversion modes
+            result = _repoint_apply(module, masters, copy_others=copy_others)
+    rest = {name: master for name, master in masters.items() if name in result.left}
+    if rest:  # modified, or hidden from ComfyUI's unload by an object patch: a later call may still point it back
+        _masters.put(module, rest)
+    return result
+
+
+def _slots(module: torch.nn.Module) -> Iterable[tuple[str, dict[str, Any], str, torch.Tensor]]:
+    """Every parameter and buffer slot: (dotted name, the ``_parameters`` / ``_buffers`` dict, key, tensor)."""
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for slots in (sub._parameters, sub._buffers):
+            for key, tensor in slots.items():
+                if tensor is not None:
+                    yield dot + key, slots, key, tensor
+
+
+def _repoint(module: torch.nn.Module, masters: dict[str, _Master], *, copy_others: bool) -> PointedBack | None:
+    """Set each slot whose device tensor is unchanged to its master, without walking ``_apply``; None if unfit.
+
+    Unfit (nothing changed yet): a parameter with a gradient on the device (``_apply`` moves gradients too),
+    or torch's overwrite / swap conversion modes (``torch.__future__``).
+    """
+    if (
+        torch.__future__.get_overwrite_module_params_on_conversion()
+        or torch.__future__.get_swap_module_params_on_conversion()
+    ):
+        return None
+    found = list(_slots(module))
+    if any(isinstance(t, torch.nn.Parameter) and t.grad is not None and t.device != CPU for *_, t in found):
+        return None
+    done: dict[int, torch.Tensor] = {}  # id(device tensor) -> what replaces it (tied tensors stay tied)
+    copied, left = 0, {}
+    for name, slots, key, tensor in found:
+        if tensor.device == CPU:
+            continue
+        new = done.get(id(tensor))
+        if new is None:
+            master = masters.get(name)
+            if master is not None and master.unchanged(tensor):
+                cpu = master.cpu
+            elif copy_others:
+                copied += _nbytes(tensor)
+                with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever the masters are
+                    cpu = tensor.to(CPU)
+            else:
+                left[name] = _nbytes(tensor)
+                continue
+            new = _as_slot(tensor, cpu)
+            done[id(tensor)] = new
+        slots[key] = new
+    return PointedBack(copied, left)
+
+
+def _as_slot(tensor: torch.Tensor, cpu: torch.Tensor) -> torch.Tensor:
+    """What a slot holding ``tensor`` holds once its data is ``cpu``: a parameter stays the same Parameter object
+    where torch can swap its data (CPU <-> CUDA), else a new Parameter with its ``requires_grad``, as ``_apply``."""
+    if not isinstance(tensor, torch.nn.Parameter):
+        return cpu
+    if torch._has_compatible_shallow_copy_type(tensor, cpu):
+        tensor.data = cpu
+        return tensor
+    return torch.nn.Parameter(cpu, requires_grad=tensor.requires_grad)
+
+
+def _repoint_apply(module: torch.nn.Module, masters: dict[str, _Master], *, copy_others: bool) -> PointedBack:
+    """:func:`point_back` through ``module._apply`` (which also moves gradients)."""
     targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(device tensor) -> (it, its master)
     for name, tensor in _named_tensors(module).items():
         master = masters.get(name)
@@ -332,12 +412,9 @@ def point_back(module: torch.nn.Module, *, copy_others: bool = True) -> int | No
 
     # _apply swaps param.data where it can (CPU <-> CUDA) and makes new Parameters where it cannot (the fake
     # GPU, torch.__future__ overwrite/swap modes); either way requires_grad and Parameter-ness are kept.
-    with torch.inference_mode(any(master.cpu.is_inference() for master in masters.values())):
-        module._apply(to_cpu)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
-    if not copy_others and len(targets) < len(masters):  # masters of tensors left on the device: a later pass
-        named = _named_tensors(module)
-        _masters.put(module, {name: m for name, m in masters.items() if name in named and named[name].device != CPU})
-    return copied
+    module._apply(to_cpu)  # type: ignore[no-untyped-call]  # torch leaves _apply untyped
+    left = {name: _nbytes(t) for name, t in _named_tensors(module).items() if t.device != CPU}
+    return PointedBack(copied, left)
 
 
 class ModulePart(Part):
@@ -393,11 +470,11 @@ class ModulePart(Part):
 
     def offload(self) -> None:
         self.last_pinned, self.last_stream, self.last_fallback = False, None, None
-        copied = point_back(self.module) if self._plain_to() else None
-        if copied is None:
+        pointed = point_back(self.module) if self._plain_to() else None
+        if pointed is None:
             self._move_all(CPU)
         else:
-            self.last_move, self.copied_bytes = "zero-copy", copied
+            self.last_move, self.copied_bytes = "zero-copy", pointed.copied
 
     def is_on(self, device: torch.device) -> bool:
         return all_on(self.tensors(), device)
