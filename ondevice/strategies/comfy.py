@@ -9,6 +9,25 @@ CPU even under ``--highvram`` / ``--gpu-only``.  ``LoadedModel`` is never
 built by hand and no unloaded entry (``model_finalizer is None``) is left
 in the list.
 
+The fast path (a plain ``ModelPatcher``; path ``"staged"`` in move events):
+before ComfyUI's load, ondevice copies every weight that ComfyUI would copy
+unchanged to the device itself (:func:`ondevice.strategies.module.stage`:
+masters pinned in place, ``non_blocking`` copies on a side stream), so
+ComfyUI's load finds them there (its ``module.to`` is then a no-op for them)
+and does its bookkeeping (loaded list, ``loaded_size()``, ``model.device``)
+and its patching as always.  Weights ComfyUI patches (keys of
+``patcher.patches``) and what object patches hide stay on the CPU for it:
+ComfyUI backs up the CPU tensor itself (no copy) and computes the patched
+weight on the device, so patches never reach the masters.  At exit
+(``"zero-copy"``), unchanged device tensors are pointed back at their masters
+first (0 bytes device -> host); ComfyUI's unload then restores its patch
+backups and copies whatever is left, which is every weight modified in place
+on the device outside its patching: such writes are kept (written back).
+ComfyUI's own path (``"comfyui"``, ``MoveEvent.reason`` says why) serves a
+dynamic-VRAM patcher, ``--novram``, and a model class that overrides ``to``.
+Pinning never pins twice what ComfyUI pinned (``tensor.is_pinned()``), and
+ComfyUI's ``pin_memory`` refuses what ondevice pinned for the same reason.
+
 Dynamic VRAM (ComfyUI 2026+, ``ModelPatcherDynamic`` over comfy-aimdo): the
 patcher is loaded the same way, which stages its weights in an aimdo VBAR
 (virtual GPU memory with nothing behind it yet).  ondevice then locks the

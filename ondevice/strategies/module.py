@@ -46,6 +46,16 @@ registration, a device without pinned memory) is loaded as before, with
 ``module.to(device)`` from pageable memory; ``last_pinned``, ``last_stream``
 and ``last_fallback`` say how the latest load went.
 
+A prefetch (:meth:`ModulePart.prefetch`) is the same load without the wait:
+the event is kept per module and :func:`join` (called when a scope claims the
+weights) makes the current stream wait on it, so a block that computes with
+other weights meanwhile hides the copy.  An offload joins first.
+
+The machinery is reusable: :func:`stage` (copy a module's CPU tensors but
+named ones, keep masters), :func:`point_back` (the zero-copy offload,
+optionally leaving what it cannot point back where it is) and :func:`join`
+serve the ComfyUI fast path (:mod:`ondevice.strategies.comfy`) too.
+
 Thread semantics: masters are kept per module in a process-wide table guarded
 by a lock; the residency table moves one module's weights one move at a time.
 """
