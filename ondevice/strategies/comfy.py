@@ -200,6 +200,10 @@ def _relock_held() -> None:
             _lock(vbar)
 
 
+# nn.Module -> (patcher, device) of a prefetch whose copies are in flight and whose ComfyUI load waits for join()
+_prefetched: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.device]] = weakref.WeakKeyDictionary()
+
+
 # ---------------------------------------------------------------------- unloading
 
 
@@ -282,6 +286,9 @@ class PatcherPart(Part):
         return module_tensors(self.patcher.model)
 
     def is_on(self, device: torch.device) -> bool:
+        pending = _prefetched.get(self.patcher.model)
+        if pending is not None:  # copies in flight; ComfyUI's load (and its patches) follow at join()
+            return bool(pending[1] == device)
         if not _is_dynamic(self.patcher):
             return is_registered(self.patcher) and all_on(self.tensors(), device)
         # the weights stay CPU tensors; ComfyUI casts them from the VBAR's pages on the device
@@ -305,10 +312,37 @@ class PatcherPart(Part):
         self._load(device, wait=True)
 
     def prefetch(self, device: torch.device) -> None:
-        self._load(device, wait=False)
+        """Start the fast path's copies on a side stream; ComfyUI's own load waits for :meth:`join`.
+
+        ComfyUI's load may synchronize the device (0.33.0 does, per module), which would wait for the
+        copies, so it runs when a scope claims the weights.  Where the fast path does not apply, a full load.
+        """
+        if _fast_path_blocker(self.patcher, dynamic=_is_dynamic(self.patcher)) is not None:
+            self.load(device)
+            return
+        with comfyui_lock:
+            try:
+                if not self.is_on(device):
+                    self._unload_all()
+                self._stage(device, wait=False, dynamic=False)
+                _prefetched[self.patcher.model] = (self.patcher, device)
+            except BaseException:
+                self._unload_all()
+                raise
 
     def join(self) -> None:
-        join(self.patcher.model)
+        """Make the current stream wait for a prefetch's copies, then let ComfyUI load (and patch) the weights."""
+        pending = _prefetched.pop(self.patcher.model, None)
+        if pending is None:
+            return
+        patcher, device = pending
+        with comfyui_lock:
+            try:
+                join(patcher.model)
+                self._load_through_comfyui(patcher, device, dynamic=False)
+            except BaseException:
+                self._unload_all()
+                raise
 
     def _load(self, device: torch.device, *, wait: bool) -> None:
         dynamic = _is_dynamic(self.patcher)
@@ -319,14 +353,17 @@ class PatcherPart(Part):
                 elif not self.is_on(device):
                     self._unload_all()  # a partial (lowvram) or stale load is not upgraded in place
                 self._stage(device, wait=wait, dynamic=dynamic)
-                mm.load_models_gpu([self.patcher], force_full_load=not dynamic)
-                if dynamic:
-                    _fault_in(self.patcher, device)
-                if not self.is_on(device):
-                    raise OnDeviceError(self._not_loaded_message(device))
+                self._load_through_comfyui(self.patcher, device, dynamic=dynamic)
             except BaseException:
                 self._unload_all()
                 raise
+
+    def _load_through_comfyui(self, patcher: Any, device: torch.device, *, dynamic: bool) -> None:
+        mm.load_models_gpu([patcher], force_full_load=not dynamic)
+        if dynamic:
+            _fault_in(patcher, device)
+        if not self.is_on(device):
+            raise OnDeviceError(self._not_loaded_message(device))
 
     def _stage(self, device: torch.device, *, wait: bool, dynamic: bool) -> None:
         """Copy the weights ComfyUI's load would copy unchanged onto ``device`` first, from pinned masters.
@@ -350,6 +387,7 @@ class PatcherPart(Part):
         self.last_pinned, self.last_stream, self.last_fallback = False, None, None
         with comfyui_lock:
             model = self.patcher.model
+            _prefetched.pop(model, None)  # a prefetch no scope claimed: point_back waits for its copies
             pointed = point_back(model, copy_others=False)  # ComfyUI's unload then moves only what is left
             copied = None if pointed is None else _bytes_comfyui_copies(self.patcher, pointed.left)
             self._unload_all()
