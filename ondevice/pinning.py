@@ -118,6 +118,7 @@ def pin(module: torch.nn.Module, device: torch.device) -> Pinning:
         return Pinning(pinned=False, reason=f"no pinned memory for {device.type}")
     register, unregister = backend
     with _books.lock:
+        _forget_replaced(module)
         todo = _unpinned_storages(_cpu_tensors(module))
         need = sum(nbytes for _tensor, nbytes in todo.values())
         if _books.limit is not None and _books.used + need > _books.limit:
@@ -145,6 +146,26 @@ def unpin(module: torch.nn.Module) -> int:
         if entry is None or entry[0]() is not module:
             return 0
         return _unregister_all(entry[1])
+
+
+def _forget_replaced(module: torch.nn.Module) -> None:
+    """Unpin what ondevice pinned for ``module`` that it no longer uses, when all of it is on the CPU.
+
+    ComfyUI's own unload (a node outside a scope) copies the weights back into new host memory; the old
+    pinned storages would otherwise be kept, and pinned, for as long as the module lives.  While part of the
+    module is on a device its old storages may be masters, so nothing is dropped then.
+    """
+    entry = _books.by_module.get(id(module))
+    if entry is None or entry[0]() is not module:
+        return
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(tensor.device.type != "cpu" for tensor in tensors):
+        return
+    used = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+    stale = [ptr for ptr in entry[1] if ptr not in used]
+    if stale:
+        _unregister_all(stale)
+        entry[1][:] = [ptr for ptr in entry[1] if ptr in used]
 
 
 def _cpu_tensors(module: torch.nn.Module) -> Iterable[torch.Tensor]:

@@ -377,6 +377,9 @@ class PatcherPart(Part):
         self.last_move, self.last_fallback = "comfyui", _fast_path_blocker(self.patcher, dynamic=dynamic)
         if self.last_fallback is not None:
             return
+        unpin_all_weights = getattr(self.patcher, "unpin_all_weights", None)
+        if callable(unpin_all_weights):
+            unpin_all_weights()  # what ComfyUI pinned itself (0.3.75+), as its own full load does weight by weight
         skip = _left_to_comfyui(self.patcher)
         _make_room(self.patcher.model, device, skip)
         staging = stage(self.patcher.model, device, skip=skip, wait=wait)
