@@ -23,7 +23,7 @@ from ondevice.errors import (
 )
 from ondevice.loader import Checkpoint, load_checkpoint, load_diffusion_model, load_text_encoders, load_vae
 from ondevice.placement import device_of, offload, placement
-from ondevice.scope import DeviceMemoryRetainedWarning, ScopeHandle, gpu_scoped, on_gpu
+from ondevice.scope import DeviceMemoryRetainedWarning, Prefetch, ScopeHandle, gpu_scoped, on_gpu, prefetch
 from ondevice.strategies import Expand, register_strategy
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "MissingWeightsError",
     "NoStrategyError",
     "OnDeviceError",
+    "Prefetch",
     "ResidencyConflictError",
     "ScopeHandle",
     "UnknownModelError",
@@ -53,6 +54,7 @@ __all__ = [
     "offload",
     "on_gpu",
     "placement",
+    "prefetch",
     "register_strategy",
     "use_comfyui",
 ]

@@ -39,7 +39,9 @@ def offload(*components: Any) -> None:
     """Move every component's weights to the CPU now.
 
     A component that a live scope holds is offloaded too (with a warning); that
-    scope no longer loads it back, and its exit leaves it on the CPU.
+    scope no longer loads it back, and its exit leaves it on the CPU.  A
+    component that :func:`ondevice.prefetch` put on the device, and that no
+    scope has claimed since, is simply taken off again (the prefetch is cancelled).
     """
     parts = [part for component in components for part in parts_of(component)]
     for part in parts:

@@ -1,4 +1,4 @@
-"""Scopes: ``on_gpu`` and ``gpu_scoped`` decide *when* components are on the GPU.
+"""Scopes: ``on_gpu`` and ``gpu_scoped`` decide *when* components are on the GPU; ``prefetch`` starts them early.
 
 Entering a scope acquires every component's parts from the residency table
 (loading what is not yet held); leaving it releases them (offloading what no
@@ -8,15 +8,29 @@ offload while one propagates is logged and attached to it as a note, except a
 ``KeyboardInterrupt`` or ``SystemExit``, which is raised with the user's
 exception as its ``__context__``.
 
+A scope on components that are held already costs a few microseconds: it
+trusts the residency table and looks at no tensor (``scope.ensure()`` loads
+back what something evicted behind ondevice's back; entries and exits that
+move weights do it too).  :func:`prefetch` and ``on_gpu(a, prefetch=b)`` start
+copying weights without waiting for the copies; the next scope on them adopts
+them (see :class:`Prefetch`).
+
 When device memory allocated inside a scope is still held after its outermost
 exit (nothing else held on that device before or after), a
 :class:`DeviceMemoryRetainedWarning` says how much, once per ``with``
-statement or decorated function.
+statement or decorated function.  The memory before the entry is read under
+the table's lock right before the entry's first claim, and the memory after
+the exit under it too, so no move of another thread runs in between.
 
 Thread semantics: an ``on_gpu`` object may be entered from several threads
 and re-entered; each exit releases the entry it closes, whatever thread runs
 it (a generator may be resumed, closed or collected on another thread).
-Decorated functions get a fresh scope per call, so recursion and threads share nothing.
+Decorated functions get a fresh scope per call, so recursion and threads
+share nothing.  Entries of different threads run at the same time: loads and
+offloads happen outside the table's lock, so a thread entering a scope on
+other weights never waits for another thread's move, and one entering a
+scope on weights another thread is moving waits for that move (see
+:mod:`ondevice.residency`).
 """
 
 from __future__ import annotations
@@ -35,11 +49,20 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 import torch
 
 from ondevice import devices
+from ondevice.devices import CPU
 from ondevice.errors import InvalidArgumentError, InvalidDeviceError, NoStrategyError
-from ondevice.residency import Claim, table
+from ondevice.residency import Claim, Holding, table
 from ondevice.strategies import Part, has_strategy, parts_of, strategy_for
 
-__all__ = ["RETAINED_WARNING_BYTES", "DeviceMemoryRetainedWarning", "ScopeHandle", "gpu_scoped", "on_gpu"]
+__all__ = [
+    "RETAINED_WARNING_BYTES",
+    "DeviceMemoryRetainedWarning",
+    "Prefetch",
+    "ScopeHandle",
+    "gpu_scoped",
+    "on_gpu",
+    "prefetch",
+]
 
 log = logging.getLogger("ondevice")
 
@@ -68,14 +91,85 @@ class _Site(NamedTuple):
 
 @dataclass(frozen=True)
 class ScopeHandle:
-    """What ``with on_gpu(...) as scope`` gives: the target device and the components."""
+    """What ``with on_gpu(...) as scope`` gives: the target device, the components, and what ``prefetch=`` started."""
 
     device: torch.device
     components: tuple[Any, ...]
+    prefetched: Prefetch | None = None
 
     def ensure(self) -> None:
-        """Load back anything that live scopes hold and that was evicted since (scopes' exits do this too)."""
+        """Load back anything that live scopes hold and that was evicted since.
+
+        A scope entered on weights that are held already trusts the table and checks no tensor;
+        an entry or exit that moves something, and this call, find evicted weights and load them back.
+        """
         table.restore()
+
+
+class Prefetch:
+    """What :func:`prefetch` gives: the weights whose copies to ``device`` it started, until a scope claims them.
+
+    The weights stay on the device until a scope on them exits (the first scope that claims them
+    adopts them: no load) or until :meth:`cancel`; a ``Prefetch`` used as a context manager cancels at
+    exit.  ``ondevice.offload(component)`` cancels a prefetch of that component too.
+
+    Thread semantics: :meth:`cancel` may be called from any thread, any number of times.
+    """
+
+    def __init__(self, device: torch.device, components: tuple[Any, ...], holdings: list[Holding]) -> None:
+        self.device = device
+        self.components = components
+        self._holdings = holdings
+
+    @property
+    def pending(self) -> bool:
+        """Whether some of the weights it started copying are still on the device with no scope claiming them."""
+        return any(holding.prefetched for holding in self._holdings)
+
+    def cancel(self) -> None:
+        """Offload what no scope has claimed yet; what a scope claimed stays until that scope exits."""
+        first: BaseException | None = None
+        for holding in reversed(self._holdings):
+            try:
+                table.cancel(holding)
+            except BaseException as exc:  # noqa: BLE001  (every holding is cancelled; the first error is raised)
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        self.cancel()
+        return False
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(c).__name__ for c in self.components)
+        return f"Prefetch({names}, device={str(self.device)!r}, pending={self.pending})"
+
+
+def prefetch(*components: Any, device: devices.DeviceLike = None) -> Prefetch:
+    """Start copying ``components``' weights to the GPU without waiting for the copies; the next scope adopts them.
+
+    The copies run on a side stream (where the component's part supports it; else it loads at once),
+    so work queued meanwhile overlaps them.  A later ``with on_gpu(component)`` finds the weights on the
+    device: it makes its stream wait for the copies (``Part.join``) and loads nothing.  Weights a scope
+    holds already are left as they are; weights held on another device raise
+    :class:`~ondevice.errors.ResidencyConflictError`; a failed prefetch leaves everything on the CPU and
+    raises.  Prefetched weights stay on the device (ComfyUI's memory management keeps them) until a
+    scope on them exits, or :meth:`Prefetch.cancel` (or ``ondevice.offload``)::
+
+        ahead = ondevice.prefetch(vae)
+        ...  # sampling runs while the VAE's weights copy
+        with on_gpu(vae):  # no load: waits for the copies only
+            image = vae.decode(latent)
+
+    Thread semantics: like a scope's entry; the handle may be cancelled from any thread.
+    """
+    target = devices.resolve(device)
+    parts = _collect_parts(components, "prefetch argument")
+    return Prefetch(target, components, table.prefetch(parts, target))
 
 
 class _Entry:
@@ -85,25 +179,35 @@ class _Entry:
     may be finished or closed on another thread than the one that started it.
     """
 
-    def __init__(self, components: tuple[Any, ...], device: devices.DeviceLike, site: _Site) -> None:
+    def __init__(
+        self, components: tuple[Any, ...], device: devices.DeviceLike, site: _Site, ahead: tuple[Any, ...] = ()
+    ) -> None:
         self._components = components
         self._device = device
         self._site = site
+        self._ahead = ahead  # what prefetch= names: started once this entry's loads are done
         self._claims: list[Claim] | None = None
         self._baseline: tuple[torch.device, int] | None = None
+        self._target = CPU
 
     def __enter__(self) -> ScopeHandle:
-        device = devices.resolve(self._device)
+        device = self._target = devices.resolve(self._device)
         parts = _collect_parts(self._components)  # every error is raised before anything moves
+        ahead = _collect_parts(self._ahead, "prefetch argument") if self._ahead else None
+        # the baseline is read under the table's lock right before the first claim: no move starts in between
+        self._claims = table.acquire(parts, device, before=self._take_baseline if _grad_recording() else None)
+        if ahead is None:
+            return ScopeHandle(device, self._components)
         try:
-            with table.lock:  # no other scope enters between the baseline and the acquire
-                self._baseline = _baseline(device)
-                self._claims = table.acquire(parts, device)
-        except BaseException:  # a move listener interrupted (events reach them as the lock is released)
-            claims, self._claims = self._claims or [], None
-            table.release(claims)  # the with statement will not call __exit__: hold nothing
+            started = table.prefetch(ahead, device)  # its copies overlap this entry's block
+        except BaseException as exc:
+            claims, self._claims = self._claims, None
+            _release_beside(claims, exc)  # the with statement will not call __exit__: hold nothing
             raise
-        return ScopeHandle(device=device, components=self._components)
+        return ScopeHandle(device, self._components, Prefetch(device, self._ahead, started))
+
+    def _take_baseline(self) -> None:
+        self._baseline = _baseline(self._target)
 
     def __exit__(
         self,
@@ -131,8 +235,8 @@ class _Entry:
         if self._baseline is None or not _grad_recording():
             return
         device, before = self._baseline
-        with table.lock:
-            now = None if _holds(device) else _allocated(device)
+        with table.lock:  # no move starts meanwhile: a move's holding is recorded under this lock before it runs
+            now = None if table.holds_on(device) else _allocated(device)
         if now is not None and now - before > RETAINED_WARNING_BYTES:
             _warn_retained(now - before, device, self._site)
 
@@ -157,7 +261,16 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
             ...  # every weight of model and vae is on scope.device
 
     Nested scopes count per underlying weights: an inner scope on a component
-    an outer one holds neither reloads nor offloads it.
+    an outer one holds neither reloads nor offloads it, and looks at none of
+    its tensors (it trusts the residency table: ``scope.ensure()`` loads back
+    what something evicted behind ondevice's back).
+
+    ``prefetch=b`` (a component, or a tuple or list of them) starts copying
+    ``b``'s weights to the same device right after this scope's own loads,
+    without waiting for the copies (see :func:`prefetch`), so they overlap the
+    block; a later ``with on_gpu(b)`` adopts them.  ``scope.prefetched`` is the
+    :class:`Prefetch`.  If the prefetch fails, the entry releases what it
+    acquired and raises.
 
     Thread semantics: one object may be entered by several threads at once and
     re-entered.  An exit closes the latest live entry made from the same frame
@@ -169,15 +282,16 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
     returns the generator; the scope is entered at its first step.
     """
 
-    def __init__(self, *components: Any, device: devices.DeviceLike = None) -> None:
+    def __init__(self, *components: Any, device: devices.DeviceLike = None, prefetch: Any = None) -> None:
         self._components = components
         self._device = device
+        self._ahead: tuple[Any, ...] = _ahead(prefetch)
         self._live: list[_Live] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> ScopeHandle:
         caller = sys._getframe(1)  # the frame holding the with-block; only its id is kept
-        entry = _Entry(self._components, self._device, _frame_site(caller))
+        entry = _Entry(self._components, self._device, _frame_site(caller), self._ahead)
         handle = entry.__enter__()
         with self._lock:
             self._live.append(_Live(entry, id(caller), threading.get_ident()))
@@ -196,11 +310,16 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
     def _take(self, frame: int) -> _Live:
         # Entries of one object hold the same components, so a wrong pick (a frame id reused after
         # an ExitStack's enter) still releases the same weights; only which entry warns may differ.
+        live = self._live
+        for index in range(len(live) - 1, -1, -1):
+            if live[index].frame == frame:
+                return live.pop(index)
         thread = threading.get_ident()
-        for matches in (lambda e: e.frame == frame, lambda e: e.thread == thread, lambda e: True):
-            for index in reversed(range(len(self._live))):
-                if matches(self._live[index]):
-                    return self._live.pop(index)
+        for index in range(len(live) - 1, -1, -1):
+            if live[index].thread == thread:
+                return live.pop(index)
+        if live:
+            return live.pop()
         msg = f"{self!r}.__exit__ without a matching __enter__: no entry of this scope is live"
         raise InvalidArgumentError(msg)
 
@@ -212,24 +331,46 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
             if signature is not None:
                 _bind(func, signature, args, kwargs)  # a bad call raises before anything moves
-            return _Entry(self._components, self._device, site)
+            return _Entry(self._components, self._device, site, self._ahead)
 
         return _wrap(func, make_scope)
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self._components)
-        return f"on_gpu({names}, device={self._device!r})"
+        ahead = ", ".join(type(c).__name__ for c in self._ahead)
+        ahead = f", prefetch=({ahead})" if self._ahead else ""
+        return f"on_gpu({names}, device={self._device!r}{ahead})"
 
 
-def _collect_parts(components: Iterable[Any]) -> list[Part]:
+def _ahead(prefetch: Any) -> tuple[Any, ...]:
+    """``on_gpu(..., prefetch=)`` as a tuple of components: none, one, or a tuple or list of them."""
+    if prefetch is None:
+        return ()
+    if isinstance(prefetch, (tuple, list)):
+        return tuple(prefetch)
+    return (prefetch,)
+
+
+def _collect_parts(components: Iterable[Any], what: str = "on_gpu argument") -> list[Part]:
     parts: list[Part] = []
     for index, component in enumerate(components):
         try:
             parts.extend(parts_of(component))
         except Exception as exc:
-            _note(exc, f"(on_gpu argument {index}: {type(component).__name__})")
+            _note(exc, f"({what} {index}: {type(component).__name__})")
             raise
     return parts
+
+
+def _release_beside(claims: list[Claim], exc: BaseException) -> None:
+    """Release ``claims`` while ``exc`` propagates: an ordinary failure becomes a note on it, an interrupt wins."""
+    try:
+        table.release(claims)
+    except Exception as release_error:  # noqa: BLE001  (noted on the error that propagates, as at a scope's exit)
+        _attach(exc, release_error)
+    except BaseException as interrupt:
+        _chain(interrupt, exc)
+        raise
 
 
 def _note(exc: BaseException, note: str) -> None:
@@ -255,10 +396,6 @@ def _chain(error: BaseException, user_error: BaseException) -> None:
 
 
 # ---------------------------------------------------------------------- device memory left behind
-
-
-def _holds(device: torch.device) -> bool:
-    return any(holding.device == device for holding in table.held())
 
 
 _kept_elsewhere: list[Callable[[torch.device], int]] = []
@@ -291,11 +428,11 @@ def _grad_recording() -> bool:
 def _baseline(device: torch.device) -> tuple[torch.device, int] | None:
     """Device memory allocated now, if an entry made now is outermost on ``device`` (else None: no check).
 
-    Only where autograd records at the entry (and, checked later, at the exit): under
+    Only where autograd records at the entry (the caller checks; and later at the exit): under
     ``torch.inference_mode()`` or ``no_grad`` memory kept after the scope is ComfyUI's by design
     (``--gpu-only`` keeps outputs on the GPU) or torch's own (cuBLAS workspaces), never a graph.
     """
-    if device.type == "cpu" or _holds(device) or not _grad_recording():
+    if device.type == "cpu" or table.holds_on(device):
         return None
     now = _allocated(device)
     return None if now is None else (device, now)

@@ -75,6 +75,9 @@ def _no_scope_leaks() -> Iterator[None]:
     yield
     leaked = table.held()
     table.release([Claim(holding, part) for holding in leaked for part in list(holding.claims)])
+    for holding in leaked:
+        if holding.prefetched:
+            table.cancel(holding)  # a prefetch no scope claimed
     mm = sys.modules.get("comfy.model_management")
     if mm is not None:
         mm.unload_all_models()

@@ -401,3 +401,16 @@ def test_on_gpu_decorator_gets_a_fresh_scope_per_call(fake_gpu: FakeGPU) -> None
         assert not t.is_alive()
     assert seen == [{fake_gpu.device}] * 8
     assert where(m) == {CPU}
+
+
+def test_a_nested_scope_trusts_the_table_and_ensure_mends(fake_gpu: FakeGPU) -> None:
+    """Weights evicted behind ondevice's back: a nested scope on them moves nothing; scope.ensure() loads them back."""
+    m = net()
+    with on_gpu(m) as scope:
+        m.to(CPU)  # what a custom node might do
+        with on_gpu(m):
+            assert where(m) == {CPU}  # the hot path looks at no tensor
+        scope.ensure()
+        assert where(m) == {fake_gpu.device}
+    assert where(m) == {CPU}
+    assert fake_gpu.memory_allocated() == 0

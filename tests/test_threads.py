@@ -11,6 +11,7 @@ import torch
 
 import ondevice
 from ondevice import on_gpu
+from ondevice.residency import table
 from ondevice.strategies.module import ModulePart
 from ondevice.testing import FakeGPU
 
@@ -172,4 +173,44 @@ def test_threads_with_other_patches_never_run_on_swapped_weights(fake_gpu: FakeG
     assert failures == []
     assert all("is waiting, directly or through other threads" in str(exc) for exc in conflicts)
     assert set(ondevice.placement(module)) == {CPU}
+    assert fake_gpu.memory_allocated() == 0
+
+
+def test_threads_prefetching_for_each_other_compute_on_landed_weights(fake_gpu: FakeGPU) -> None:
+    """4 threads x 15 rounds of on_gpu(a, prefetch=b) then on_gpu(b) over 4 shared modules: every output is right
+    (a scope on weights another thread prefetched joins their late copies), and all ends on the CPU."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(16, 16) for _ in range(4)]
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        want = [m(x) for m in models]
+    failures: list[str] = []
+
+    def check(index: int) -> None:
+        with torch.inference_mode():
+            out = models[index](x.to(fake_gpu.device)).cpu()
+        if not torch.allclose(out, want[index]):
+            failures.append(f"module {index} computed {out.flatten()[:2].tolist()} on its scope's weights")
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(15):
+            a, b = rng.sample(range(len(models)), 2)
+            try:
+                with on_gpu(models[a], prefetch=models[b]):
+                    check(a)
+                with on_gpu(models[b]):
+                    check(b)
+            except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    assert failures == []
+    assert [h.part for h in table.held()] == []  # every prefetch was adopted by a scope, which offloaded it
+    assert all(set(ondevice.placement(m)) == {CPU} for m in models)
     assert fake_gpu.memory_allocated() == 0

@@ -17,7 +17,10 @@ lazily the first time a ComfyUI object is seen, so ``import ondevice`` never
 imports ComfyUI.
 
 Thread semantics: the registry is guarded by a lock; parts are only moved by
-the residency table, which serializes moves.
+the residency table, which runs one move of the same weights at a time but
+moves of other weights concurrently, outside its lock: a part whose moves touch
+shared global state takes its own lock (ComfyUI's parts take
+:data:`ondevice.comfyui.comfyui_lock`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class Part:
     :attr:`path` names how the part moves its weights in every
     :class:`~ondevice.events.MoveEvent`.
 
-    Thread semantics: only the residency table moves a part, one move at a time.
+    Thread semantics: only the residency table moves a part: one move of the same
+    weights at a time; moves of other weights may run at the same time on other threads.
 
     Example::
 

@@ -196,7 +196,8 @@ def test_adapter_forwards_the_optional_methods_a_duck_has() -> None:
 
 
 def test_table_takes_duck_typed_parts_with_their_optional_methods() -> None:
-    """The table adapts duck-typed parts itself: a clone with other patches swaps in and back, pointers undone."""
+    """The table adapts duck-typed parts itself: a clone with other patches swaps in and back; the inner claim's
+    pointers are undone at its own release, the outer's when the weights leave."""
     table, box = ResidencyTable(), Box()
     outer = table.acquire([PatchedDuck(box, "base")], GPU)
     inner = table.acquire([PatchedDuck(box, "lora")], GPU)
@@ -207,9 +208,9 @@ def test_table_takes_duck_typed_parts_with_their_optional_methods() -> None:
         "load base",
         "point meta",
         "load lora",
+        "restore",
         "load base",
         "offload",
-        "restore",
         "restore",
     ]
     assert table.held() == []

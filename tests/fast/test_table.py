@@ -10,6 +10,7 @@ import torch
 
 from ondevice.errors import OnDeviceError, ResidencyConflictError
 from ondevice.residency import ResidencyTable
+from ondevice.strategies import Part
 
 GPU = torch.device("meta")  # any device but the CPU: the stubs only record where they are
 
@@ -21,39 +22,74 @@ class Weights:
         self.where = torch.device("cpu")
         self.patches = "none"
         self.moves: list[str] = []
+        self.looks = 0  # calls of is_on / tensors: what the hot path must never make
 
 
-class Stub:
-    """A part over ``weights`` with its own ``patches``; records every move."""
+class Stub(Part):
+    """A part over ``weights`` with its own ``patches``; records every move.
 
-    def __init__(self, weights: Weights, patches: str = "none", *, fail_load: bool = False) -> None:
+    ``gate``: a load (or offload, with ``gate_offload``) waits for it, so a test can hold a move in flight.
+    """
+
+    def __init__(
+        self,
+        weights: Weights,
+        patches: str = "none",
+        *,
+        fail_load: bool = False,
+        gate: threading.Event | None = None,
+        gate_offload: threading.Event | None = None,
+    ) -> None:
         self.weights, self.patches, self.fail_load = weights, patches, fail_load
+        self.gate, self.gate_offload = gate, gate_offload
+        self.started = threading.Event()  # set when a gated move has begun
 
     @property
     def key(self) -> object:
         return self.weights
 
     def tensors(self) -> Iterable[torch.Tensor]:
+        self.weights.looks += 1
         return []
 
     def load(self, device: torch.device) -> None:
+        self._wait(self.gate)
         if self.fail_load:
+            self.weights.moves.append(f"failed load {self.patches}")
             raise RuntimeError("load failed")
         self.weights.where, self.weights.patches = device, self.patches
         self.weights.moves.append(f"load {self.patches}")
 
     def offload(self) -> None:
+        self._wait(self.gate_offload)
         self.weights.where = torch.device("cpu")
         self.weights.moves.append("offload")
 
     def is_on(self, device: torch.device) -> bool:
+        self.weights.looks += 1
         return self.weights.where == device and self.weights.patches == self.patches
 
     def same_weights(self, other: object) -> bool:
         return isinstance(other, Stub) and other.patches == self.patches
 
+    def point_at(self, device: torch.device) -> None:
+        self.weights.moves.append(f"point {self.patches}")
+
+    def restore(self) -> None:
+        self.weights.moves.append(f"restore {self.patches}")
+
+    def _wait(self, gate: threading.Event | None) -> None:
+        if gate is not None:
+            self.started.set()
+            assert gate.wait(10), "the test never opened the gate"
+
     def __repr__(self) -> str:
         return f"Stub({self.patches})"
+
+
+def moves(w: Weights) -> list[str]:
+    """The loads and offloads of ``w`` (pointers left out)."""
+    return [m for m in w.moves if not m.startswith(("point", "restore"))]
 
 
 def test_first_claim_loads_last_release_offloads() -> None:
@@ -65,7 +101,7 @@ def test_first_claim_loads_last_release_offloads() -> None:
     assert w.where == GPU
     table.release(outer)
     assert w.where == torch.device("cpu")
-    assert w.moves == ["load none", "offload"]
+    assert moves(w) == ["load none", "offload"]
     assert table.held() == []
 
 
@@ -100,7 +136,7 @@ def test_nested_clone_with_other_patches_swaps_in_and_back() -> None:
     table.release(inner)
     assert (w.where, w.patches) == (GPU, "base")
     table.release(outer)
-    assert w.moves == ["load base", "load lora", "load base", "offload"]
+    assert moves(w) == ["load base", "load lora", "load base", "offload"]
 
 
 def test_other_device_while_held_is_a_conflict() -> None:
@@ -174,3 +210,73 @@ def test_scope_left_open_by_an_ended_thread_counts_as_nesting() -> None:
     assert (w.where, w.patches) == (GPU, "base")  # the base's patches are back for the still-open scope
     table.release(claims["base"])
     assert w.where == torch.device("cpu")
+
+
+def test_claims_on_resident_weights_look_at_no_tensor() -> None:
+    """The hot path: nested claims and releases on held weights call no is_on / tensors, of theirs or of others."""
+    table, small, big = ResidencyTable(), Weights(), Weights()
+    outer = table.acquire([Stub(small), Stub(big)], GPU)
+    small.looks = big.looks = 0
+    for _ in range(100):
+        table.release(table.acquire([Stub(small)], GPU))
+    assert (small.looks, big.looks) == (0, 0)
+    table.release(outer)
+    assert moves(small) == moves(big) == ["load none", "offload"]
+
+
+def test_pointed_parts_stay_bounded_over_nested_claims() -> None:
+    """1,000 nested claims: each one's pointers are undone at its release; the first part's only at the end."""
+    table, w = ResidencyTable(), Weights()
+    outer = table.acquire([Stub(w, "first")], GPU)
+    (holding,) = table.held()
+    for _ in range(1_000):
+        inner = table.acquire([Stub(w, "first")], GPU)
+        assert len(holding.pointed) == 2
+        table.release(inner)
+        assert len(holding.pointed) == 1
+    assert w.moves.count("point first") == 1_001
+    assert w.moves.count("restore first") == 1_000
+    table.release(outer)
+    assert w.moves[-2:] == ["offload", "restore first"]  # the true originals come back once the weights are off
+
+
+def test_weights_evicted_behind_the_table_come_back_on_slow_paths_only() -> None:
+    """A claim on held weights trusts the table; restore() (and an acquire that loads) loads evicted weights back."""
+    table, w, other = ResidencyTable(), Weights(), Weights()
+    outer = table.acquire([Stub(w)], GPU)
+    w.where = torch.device("cpu")  # evicted behind the table's back
+    table.release(table.acquire([Stub(w)], GPU))
+    assert w.where == torch.device("cpu")
+    table.restore()
+    assert w.where == GPU
+    w.where = torch.device("cpu")
+    table.release(table.acquire([Stub(other)], GPU))  # loads and offloads: both mend what they find
+    assert w.where == GPU
+    table.release(outer)
+    assert moves(w) == ["load none", "load none", "load none", "offload"]
+
+
+def test_before_runs_once_under_the_lock_before_the_first_claim() -> None:
+    """acquire(before=) runs once, before anything is claimed, with the table's lock held."""
+    table, w = ResidencyTable(), Weights()
+    seen: list[tuple[bool, bool]] = []
+
+    def before() -> None:
+        seen.append((table.holds_on(GPU), table.lock.rlock._is_owned()))  # type: ignore[attr-defined]
+
+    claims = table.acquire([Stub(w), Stub(Weights())], GPU, before=before)
+    assert seen == [(False, True)]
+    table.release(claims)
+
+
+def test_a_failed_swap_puts_the_outer_patches_back() -> None:
+    """A nested clone whose load fails raises and holds nothing more; the outer claim's weights are loaded back."""
+    table, w = ResidencyTable(), Weights()
+    outer = table.acquire([Stub(w, "base")], GPU)
+    w.where = torch.device("cpu")  # what a failed load leaves
+    with pytest.raises(RuntimeError, match="load failed"):
+        table.acquire([Stub(w, "lora", fail_load=True)], GPU)
+    assert (w.where, w.patches) == (GPU, "base")
+    assert [len(h.claims) for h in table.held()] == [1]
+    table.release(outer)
+    assert table.held() == []

@@ -131,13 +131,14 @@ def test_free_memory_keeps_its_dynamic_signature() -> None:
 def test_the_guard_keeps_held_entries_and_its_removal_does_not(
     originals: dict[str, Callable[..., Any]], fake_gpu: FakeGPU, sd15: ondevice.Checkpoint
 ) -> None:
-    """With the guard ComfyUI cannot evict a held model; without it, it can, and the next scope entry loads it back."""
+    """With the guard ComfyUI cannot evict a held model; without it, it can, and scope.ensure() loads it back."""
     with on_gpu(sd15.vae) as scope:
         mm.free_memory(1e30, scope.device)
         assert set(ondevice.placement(sd15.vae)) == {scope.device}
         remove_guard()
         mm.free_memory(1e30, scope.device)
         assert set(ondevice.placement(sd15.vae)) == {CPU}
+        scope.ensure()
         with on_gpu(sd15.vae):
             assert set(ondevice.placement(sd15.vae)) == {scope.device}
             assert registered_entries(sd15.vae.patcher.model)

@@ -325,12 +325,13 @@ def test_training_step_inside_the_scope_is_written_back(fake_gpu: FakeGPU) -> No
 
 
 def test_module_moved_to_the_cpu_by_hand_inside_the_scope(fake_gpu: FakeGPU, copies: FakeGPUStats) -> None:
-    """m.to('cpu') inside a scope: the next entry loads it back, and the exit returns to those CPU tensors."""
+    """m.to('cpu') inside a scope: scope.ensure() loads it back, and the exit returns to those CPU tensors."""
     m = net()
     expected = values(m)
-    with on_gpu(m):
+    with on_gpu(m) as scope:
         m.to(CPU)
         moved = storages(m)
+        scope.ensure()
         with on_gpu(m):
             assert all(p.device == fake_gpu.device for p in m.parameters())
         stats.reset()

@@ -419,9 +419,10 @@ def test_module_docstring_example_runs() -> None:
 def test_fake_gpu_handle_sets_the_pinned_cap_and_lands_copies_at_stop() -> None:
     """fake_gpu(pinned_limit=...) caps pinning while active; stop() lands late copies and lifts the cap."""
     fakegpu.set_device_count(1)
-    gpu = fake_gpu(pinned_limit="1KiB")
+    used = fakegpu.pinned_bytes()  # models of earlier tests may still be alive, and pinned
+    gpu = fake_gpu(pinned_limit=used + 1024)
     with gpu:
-        assert fakegpu.pinned_limit() == 1024
+        assert fakegpu.pinned_limit() == used + 1024
         side = torch.fakegpu.Stream()
         with torch.fakegpu.stream(side):
             f = torch.ones(4).pin_memory().to(gpu.device, non_blocking=True)
