@@ -643,8 +643,8 @@ def remove_guard() -> None:
     the original function back.  An attribute that someone else replaced
     meanwhile (a wrapper around the guard) is left as it is.  Afterwards
     ComfyUI may evict what live scopes hold; ``scope.ensure()`` loads it back
-    (so does the next entry or exit that moves weights on that device).  Idempotent; thread-safe; :func:`install_guard` puts the
-    guard back.
+    (so does the next entry or exit that moves weights on that device).
+    Idempotent; thread-safe; :func:`install_guard` puts the guard back.
     """
     with comfyui_lock:
         _replace_everywhere(dict(_guards))

@@ -10,6 +10,17 @@ the values are ``randn * 0.02`` from a seeded generator, with norm scales 1,
 finite. Writing streams tensor by tensor (memory stays at one tensor) into a
 temporary file that is then renamed over ``path``.
 
+``"flux"`` is different: like the released ``flux1-dev.safetensors`` it holds the
+diffusion model alone, under the released key names (``double_blocks.0.img_attn.qkv.weight``,
+``single_blocks.0.linear1.weight``, ``guidance_in.in_layer.weight``, RMSNorm ``*_norm.scale``,
+no prefix), and no text encoders (T5-XXL, CLIP-L) or VAE. It is what ComfyUI's "Load
+Diffusion Model" node reads: ``comfy.sd.load_diffusion_model(path)`` (``load_unet`` in
+old versions) detects it as ``Flux`` (Flux-dev: with guidance) and returns a
+``ModelPatcher``. Its layout is the model ComfyUI's own detection builds from the keys
+it reads, and is the same on every ComfyUI version. ComfyUI 2024-11 and 0.3.64
+hardcode Flux's width (hidden size 3072, 24 heads, T5 context 4096, pooled 768), so the
+mini variant keeps Flux-dev's width and has fewer blocks: it is 1 GiB, not tens of MB.
+
 What each (family, size) holds (fp16 file sizes)::
 
     sd15 mini   500 keys   151.3 M params  289 MiB   one-level 320-channel UNet (25.8 M), CLIP-L, TAESD
@@ -17,6 +28,10 @@ What each (family, size) holds (fp16 file sizes)::
     sdxl mini  1463 keys   959.7 M params  1.79 GiB  small UNet (139.5 M) keeping what SDXL detection reads,
                                                      CLIP-L, CLIP-G (ComfyUI needs all 32 layers), TAESD
     sdxl full  2515 keys  3468.8 M params  6.46 GiB  SDXL UNet (2567.5 M), CLIP-L, CLIP-G, AutoencoderKL
+    flux mini    52 keys   545.5 M params  1.02 GiB  Flux-dev's width, 1 double + 1 single block; a sampling
+                                                     step on a 16x16 latent takes about a second on a CPU
+    flux full   780 keys 11901.4 M params 22.17 GiB  Flux-dev: 19 double + 38 single blocks (do not write it
+                                                     in tests: checkpoint_layout costs nothing)
 
 :func:`cached_checkpoint` writes one such file once per cache directory and
 returns its path. Both functions are safe to call from several threads or
@@ -29,6 +44,7 @@ Example::
     from ondevice.testing.synthetic import cached_checkpoint
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(cached_checkpoint("sd15", "mini")))
+    flux = comfy.sd.load_diffusion_model(str(cached_checkpoint("flux", "mini")))  # a ModelPatcher
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ from ondevice.errors import InvalidArgumentError
 
 __all__ = ["FAMILIES", "FORMAT_VERSION", "SIZES", "cached_checkpoint", "checkpoint_layout", "synthetic_checkpoint"]
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "flux")
 SIZES = ("mini", "full")
 FORMAT_VERSION = 1  # bump when the bytes written for a (family, size) change; names cached files
 
@@ -94,18 +110,45 @@ _KL_DDCONFIG: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _flux_probe(double_blocks: int, single_blocks: int) -> dict[str, tuple[int, ...]]:
+    """The keys Flux detection reads, with Flux-dev's shapes (hidden 3072, T5-XXL 4096, CLIP-L pooled 768).
+
+    ComfyUI 2024-11 and 0.3.64 hardcode hidden size 3072, 24 heads and context dim 4096, and 0.3.75 hardcodes
+    24 heads of sum(axes_dim) = 128, so only the number of blocks can shrink. ``guidance_in`` makes it Flux-dev.
+    """
+    probe: dict[str, tuple[int, ...]] = {
+        "img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
+        "guidance_in.in_layer.weight": (3072, 256),
+    }  # fmt: skip
+    probe |= {f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(double_blocks)}
+    probe |= {f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(single_blocks)}
+    return probe
+
+
 @dataclass(frozen=True)
 class _Recipe:
+    """A full checkpoint (model, text encoders, VAE), built from a UNet config ComfyUI detects."""
+
     config_class: str  # name in comfy.supported_models
     unet: Mapping[str, Any] = field(repr=False)
     vae: str  # "taesd" or "kl"
 
 
-_RECIPES: dict[tuple[str, str], _Recipe] = {
+@dataclass(frozen=True)
+class _DiffusionModel:
+    """A diffusion-model-only file: the keys ComfyUI's detection reads; the class it names gives every other key."""
+
+    config_class: str  # the comfy.supported_models class detection must name
+    probe: Mapping[str, tuple[int, ...]] = field(repr=False)  # key -> shape
+
+
+_RECIPES: dict[tuple[str, str], _Recipe | _DiffusionModel] = {
     ("sd15", "mini"): _Recipe("SD15", _SD15_MINI_UNET, "taesd"),
     ("sd15", "full"): _Recipe("SD15", _SD15_UNET, "kl"),
     ("sdxl", "mini"): _Recipe("SDXL", _SDXL_MINI_UNET, "taesd"),
     ("sdxl", "full"): _Recipe("SDXL", _SDXL_UNET, "kl"),
+    ("flux", "mini"): _DiffusionModel("Flux", _flux_probe(double_blocks=1, single_blocks=1)),
+    ("flux", "full"): _DiffusionModel("Flux", _flux_probe(double_blocks=19, single_blocks=38)),
 }
 
 _SAFETENSORS_DTYPES = {
@@ -127,7 +170,7 @@ def _check_choice(function: str, name: str, value: object, choices: tuple[str, .
     raise InvalidArgumentError(msg)
 
 
-def _recipe(function: str, family: object, size: object) -> _Recipe:
+def _recipe(function: str, family: object, size: object) -> _Recipe | _DiffusionModel:
     family = _check_choice(function, "family", family, FAMILIES)
     size = _check_choice(function, "size", size, SIZES)
     return _RECIPES[family, size]
@@ -142,10 +185,14 @@ def _check_dtype(dtype: object) -> torch.dtype:
     raise InvalidArgumentError(msg)
 
 
-def _comfy_model_config(recipe: _Recipe) -> Any:
+def _boot_comfy() -> None:
     from ondevice.comfyui import import_comfy  # noqa: PLC0415  (boots ComfyUI for the CPU first)
 
     import_comfy()
+
+
+def _comfy_model_config(recipe: _Recipe) -> Any:
+    _boot_comfy()
     import comfy.supported_models  # noqa: PLC0415
 
     return getattr(comfy.supported_models, recipe.config_class)(dict(recipe.unet))
@@ -164,8 +211,44 @@ def _vae_module(kind: str) -> torch.nn.Module:
     return module
 
 
-def _layout(recipe: _Recipe) -> tuple[dict[str, torch.Tensor], float]:
-    """Checkpoint key -> meta tensor (shape and dtype), and the family's latent scale factor."""
+def _diffusion_model_layout(recipe: _DiffusionModel) -> dict[str, torch.Tensor]:
+    """The state dict, on meta, of the model ComfyUI's own detection builds from the probe keys."""
+    _boot_comfy()
+    import comfy.model_detection  # noqa: PLC0415
+
+    meta = torch.device("meta")
+    probe = {key: torch.empty(shape, device=meta) for key, shape in recipe.probe.items()}
+    config = comfy.model_detection.model_config_from_unet(probe, "")
+    detected = type(config).__name__ if config is not None else None
+    if detected != recipe.config_class:
+        msg = f"synthetic checkpoint: this ComfyUI detects {recipe.config_class}'s keys as {detected}"
+        raise RuntimeError(msg)
+    with meta:
+        module = config.get_model({}, "", device=meta).diffusion_model.state_dict()
+    layout = {_released_key(key): t.to(meta) for key, t in module.items()}
+    if set(config.process_unet_state_dict(dict(layout))) != set(module):  # what ComfyUI's loader renames
+        msg = f"synthetic checkpoint: this ComfyUI's {detected} does not load the released key names"
+        raise RuntimeError(msg)
+    built = {key: tuple(layout[key].shape) if key in layout else None for key in recipe.probe}
+    if built != recipe.probe:  # the class detection named lacks the shapes detection read: the file would not load
+        msg = f"synthetic checkpoint: ComfyUI's {detected} builds {built}, not the shapes its detection read"
+        raise RuntimeError(msg)
+    return layout
+
+
+def _released_key(key: str) -> str:
+    """The name a released file gives a module key: Flux's RMSNorm scales are ``scale`` there.
+
+    ComfyUI 0.33 names them ``weight`` in its modules and renames ``*_norm.scale`` on load; older versions
+    name them ``scale`` too. Every version loads the released names.
+    """
+    return key[: -len("weight")] + "scale" if key.endswith(("query_norm.weight", "key_norm.weight")) else key
+
+
+def _layout(recipe: _Recipe | _DiffusionModel) -> tuple[dict[str, torch.Tensor], float]:
+    """Checkpoint key -> meta tensor (shape and dtype), and the family's latent scale factor (TAESD's ``vae_scale``)."""
+    if isinstance(recipe, _DiffusionModel):
+        return _diffusion_model_layout(recipe), 1.0  # no VAE in the file
     config = _comfy_model_config(recipe)
     meta = torch.device("meta")
     with meta:
@@ -183,11 +266,13 @@ def checkpoint_layout(family: str = "sd15", size: str = "mini") -> dict[str, tor
     """Key name -> meta tensor (shape, dtype as ComfyUI builds it) of the synthetic checkpoint; costs no memory.
 
     Args:
-        family: ``"sd15"`` or ``"sdxl"``.
+        family: ``"sd15"``, ``"sdxl"`` or ``"flux"`` (diffusion model keys only, no prefix).
         size: ``"mini"`` or ``"full"``.
 
     Example::
 
+        >>> sum(t.numel() for t in checkpoint_layout("flux", "full").values())
+        11901408320
         >>> layout = checkpoint_layout("sd15", "full")
         >>> sum(t.numel() for k, t in layout.items() if k.startswith("model.diffusion_model."))
         859520964
@@ -226,7 +311,7 @@ def _filler(noise: _Noise, vae_scale: float) -> Callable[[str, torch.Tensor, tor
             return out.fill_(0.0)
         if key.endswith("logit_scale"):
             return out.fill_(_CLIP_LOGIT_SCALE)
-        if meta.ndim == 1 and key.endswith(".weight"):  # LayerNorm / GroupNorm scales
+        if meta.ndim == 1 and key.endswith((".weight", ".scale")):  # LayerNorm / GroupNorm / RMSNorm scales
             return out.fill_(1.0)
         return noise.fill_(out)
 
@@ -296,14 +381,17 @@ def synthetic_checkpoint(
 
     ComfyUI's ``load_checkpoint_guess_config`` detects the file as ``SD15`` or
     ``SDXL`` and returns ``(ModelPatcher, CLIP, VAE, None)``; text encoding and
-    VAE decoding give finite outputs. The same arguments give the same bytes.
+    VAE decoding give finite outputs. A ``"flux"`` file is a diffusion model
+    alone: ``comfy.sd.load_diffusion_model`` detects it as ``Flux`` and returns a
+    ``ModelPatcher`` whose sampling steps give finite outputs. The same
+    arguments give the same bytes, on every ComfyUI version.
     Parent folders are created; the file appears whole or not at all. Safe to
     call from several threads or processes.
 
     Args:
         path: where to write (``.safetensors``); an existing file is replaced.
-        family: ``"sd15"`` or ``"sdxl"``.
-        size: ``"mini"`` (small UNet and TAESD, for fast tests) or ``"full"`` (the real sizes).
+        family: ``"sd15"``, ``"sdxl"`` or ``"flux"`` (Flux-dev's diffusion model alone).
+        size: ``"mini"`` (small UNet and TAESD; two Flux blocks) for fast tests, or ``"full"`` (the real sizes).
         dtype: floating dtype of the stored weights (``position_ids`` stay int64).
         seed: seed of the random values.
 
@@ -314,6 +402,7 @@ def synthetic_checkpoint(
 
         path = synthetic_checkpoint("/tmp/ckpt/sdxl-mini.safetensors", "sdxl", "mini")
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+        flux = comfy.sd.load_diffusion_model(str(synthetic_checkpoint("/tmp/ckpt/flux-mini.safetensors", "flux")))
     """
     recipe = _recipe("synthetic_checkpoint", family, size)
     dtype = _check_dtype(dtype)

@@ -236,7 +236,7 @@ def test_cached_checkpoint_defaults_to_home_cache(tmp_path: Path, monkeypatch: p
         (lambda p: synthetic_checkpoint(p, seed="1"), "seed", "'1'"),  # type: ignore[arg-type]
         (lambda p: cached_checkpoint("SDXL", cache_dir=p.parent), "family", "'SDXL'"),
         (lambda p: cached_checkpoint(size=None, cache_dir=p.parent), "size", "None"),  # type: ignore[arg-type]
-        (lambda _: checkpoint_layout("flux"), "family", "'flux'"),
+        (lambda _: checkpoint_layout("sd3"), "family", "'sd3'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call: Any, argument: str, received: str, tmp_path: Path) -> None:
