@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ondevice.errors import NoStrategyError
+from ondevice.errors import InvalidArgumentError, NoStrategyError
 
 __all__ = [
     "Expand",
@@ -139,6 +139,30 @@ class Part:
     def restore(self) -> None:
         """Undo :meth:`point_at` once the weights leave the device; default: nothing to undo."""
 
+    def nbytes(self) -> int:
+        """Bytes the weights take on a device once loaded in full (each storage once); default: from :meth:`tensors`.
+
+        The residency table compares it with the device's free memory before a load.
+        """
+        seen: set[int] = set()
+        total = 0
+        for tensor in self.tensors():
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr() or id(storage)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        return total
+
+    def load_partial(self, device: torch.device, budget: int | None) -> None:
+        """Put at most ``budget`` bytes of the weights on ``device`` (None: as much as fits), the rest streamed
+        per use; default: refuses (``InvalidArgumentError``), for parts that can only be loaded whole."""
+        msg = (
+            f"{self!r} can only be loaded whole: budget= and partial=True apply to ComfyUI models (their "
+            "low-VRAM path); scope fewer components, or free device memory"
+        )
+        raise InvalidArgumentError(msg)
+
     def prefetch(self, device: torch.device) -> None:
         """Start putting every weight on ``device`` without making the current stream wait for the copies.
 
@@ -204,6 +228,17 @@ class _Adapted(Part):
         restore = getattr(self.wrapped, "restore", None)
         if callable(restore):
             restore()
+
+    def nbytes(self) -> int:
+        nbytes = getattr(self.wrapped, "nbytes", None)
+        return int(nbytes()) if callable(nbytes) else super().nbytes()
+
+    def load_partial(self, device: torch.device, budget: int | None) -> None:
+        load_partial = getattr(self.wrapped, "load_partial", None)
+        if not callable(load_partial):
+            super().load_partial(device, budget)
+        else:
+            load_partial(device, budget)
 
     def prefetch(self, device: torch.device) -> None:
         prefetch = getattr(self.wrapped, "prefetch", None)
