@@ -140,18 +140,17 @@ class Part:
         """Undo :meth:`point_at` once the weights leave the device; default: nothing to undo."""
 
     def nbytes(self) -> int:
-        """Bytes the weights take on a device once loaded in full (each storage once); default: from :meth:`tensors`.
+        """Bytes the weights take on a device once loaded in full (tied tensors once); default: from :meth:`tensors`.
 
         The residency table compares it with the device's free memory before a load.
         """
-        seen: set[int] = set()
+        seen: set[tuple[torch.device, int]] = set()
         total = 0
         for tensor in self.tensors():
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr() or id(storage)
+            key = (tensor.device, tensor.data_ptr() or id(tensor))  # tied tensors once
             if key not in seen:
                 seen.add(key)
-                total += storage.nbytes()
+                total += tensor.numel() * tensor.element_size()
         return total
 
     def load_partial(self, device: torch.device, budget: int | None) -> None:
