@@ -258,6 +258,15 @@ class FakeGPU:
         """Bytes of live storage on ``fakegpu:index``."""
         return fakegpu.memory_allocated(index) if fakegpu.is_installed() else 0
 
+    def max_memory_allocated(self, index: int = 0) -> int:
+        """The most bytes live at once on ``fakegpu:index`` since :meth:`reset_peak_memory_stats` (or the start)."""
+        return fakegpu.max_memory_allocated(index) if fakegpu.is_installed() else 0
+
+    def reset_peak_memory_stats(self, index: int = 0) -> None:
+        """Start :meth:`max_memory_allocated` again from what is allocated now."""
+        if fakegpu.is_installed():
+            fakegpu.reset_peak_memory_stats(index)
+
     def free_memory(self, index: int = 0) -> int:
         """``memory`` minus :meth:`memory_allocated`."""
         return self.memory - self.memory_allocated(index)

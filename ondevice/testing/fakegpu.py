@@ -148,11 +148,13 @@ __all__ = [
     "host_unregister",
     "install",
     "is_installed",
+    "max_memory_allocated",
     "mem_get_info",
     "memory_allocated",
     "memory_limit",
     "pinned_bytes",
     "pinned_limit",
+    "reset_peak_memory_stats",
     "set_device_count",
     "set_memory_limit",
     "set_pinned_limit",
@@ -246,6 +248,7 @@ class _Ledger:
         self._books: _Books = {}
         self._dead: collections.deque[_Token] = collections.deque()  # tokens of dead tensors, appended by C
         self._limits: dict[int, int] = {}
+        self._peaks: dict[int, int] = {}  # device index -> the most bytes allocated since the last reset
         self._default_limit = DEFAULT_MEMORY
         self.device_count = 1
         self.current = 0
@@ -265,6 +268,16 @@ class _Ledger:
         with self._lock:
             self._drain()
             return int(self._books.get(("device", index), 0))
+
+    def peak(self, index: int) -> int:
+        with self._lock:
+            self._drain()
+            return max(self._peaks.get(index, 0), int(self._books.get(("device", index), 0)))
+
+    def reset_peak(self, index: int) -> None:
+        with self._lock:
+            self._drain()
+            self._peaks[index] = int(self._books.get(("device", index), 0))
 
     def check(self, index: int, nbytes: int) -> None:
         """Raise :class:`torch.OutOfMemoryError` if ``nbytes`` more would not fit on ``index``."""
@@ -333,8 +346,11 @@ class _Ledger:
 
     def _apply(self, staged: _Books) -> None:
         self._books.update(staged)  # the one step that changes the books: a single C call
-        for key in [key for key, value in staged.items() if value is None]:
-            self._books.pop(key, None)  # None and absent mean the same; this keeps the dict small
+        for key, value in list(staged.items()):
+            if value is None:
+                self._books.pop(key, None)  # None and absent mean the same; this keeps the dict small
+            elif isinstance(key, tuple) and key[0] == "device" and value > self._peaks.get(key[1], 0):
+                self._peaks[key[1]] = value  # lost under an interrupt at worst: a statistic, not the books
 
 
 _ledger = _Ledger()
@@ -393,6 +409,17 @@ def memory_limit(device: torch.device | str | int | None = None) -> int:
 def memory_allocated(device: torch.device | str | int | None = None) -> int:
     """Bytes of live fake-device storage on ``device`` (each storage counted once)."""
     return _ledger.allocated(_device_index(device))
+
+
+def max_memory_allocated(device: torch.device | str | int | None = None) -> int:
+    """The most bytes of fake-device storage live at once on ``device`` since the last
+    :func:`reset_peak_memory_stats` (or since the start), like ``torch.cuda.max_memory_allocated``."""
+    return _ledger.peak(_device_index(device))
+
+
+def reset_peak_memory_stats(device: torch.device | str | int | None = None) -> None:
+    """Start :func:`max_memory_allocated` of ``device`` again from what is allocated now."""
+    _ledger.reset_peak(_device_index(device))
 
 
 def mem_get_info(device: torch.device | str | int | None = None) -> tuple[int, int]:

@@ -210,6 +210,22 @@ def test_memory_counts_a_storage_once_across_views() -> None:
     assert allocated() == before
 
 
+def test_peak_memory_is_the_most_live_at_once_since_the_reset() -> None:
+    """max_memory_allocated records the high-water mark; reset_peak_memory_stats starts it from what is live now."""
+    fakegpu.reset_peak_memory_stats(F0)
+    before = allocated()
+    assert fakegpu.max_memory_allocated(F0) == before
+    a = torch.zeros(256, device=F0)  # 1 KiB
+    b = torch.zeros(512, device=F0)  # 2 KiB
+    del a, b
+    c = torch.zeros(128, device=F0)  # 512 B
+    assert fakegpu.max_memory_allocated(F0) == before + 3072
+    fakegpu.reset_peak_memory_stats(F0)
+    assert fakegpu.max_memory_allocated(F0) == before + 512
+    del c
+    assert fakegpu.max_memory_allocated(F0) == before + 512
+
+
 def test_results_of_ops_are_charged_and_released() -> None:
     """A new tensor made by an op is charged while alive and released when it dies."""
     f = torch.ones(100, device=F0)
