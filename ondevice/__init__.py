@@ -18,12 +18,22 @@ from ondevice.errors import (
     MissingWeightsError,
     NoStrategyError,
     OnDeviceError,
+    OutOfDeviceMemory,
     ResidencyConflictError,
     UnknownModelError,
 )
 from ondevice.loader import Checkpoint, load_checkpoint, load_diffusion_model, load_text_encoders, load_vae
 from ondevice.placement import device_of, offload, placement
-from ondevice.scope import DeviceMemoryRetainedWarning, Prefetch, ScopeHandle, gpu_scoped, on_gpu, prefetch
+from ondevice.scope import (
+    DeviceMemoryRetainedWarning,
+    Prefetch,
+    ScopeHandle,
+    gpu_scoped,
+    keep,
+    on_gpu,
+    prefetch,
+    release,
+)
 from ondevice.strategies import Expand, register_strategy
 
 __all__ = [
@@ -40,6 +50,7 @@ __all__ = [
     "MissingWeightsError",
     "NoStrategyError",
     "OnDeviceError",
+    "OutOfDeviceMemory",
     "Prefetch",
     "ResidencyConflictError",
     "ScopeHandle",
@@ -47,6 +58,7 @@ __all__ = [
     "comfyui_info",
     "device_of",
     "gpu_scoped",
+    "keep",
     "load_checkpoint",
     "load_diffusion_model",
     "load_text_encoders",
@@ -56,6 +68,7 @@ __all__ = [
     "placement",
     "prefetch",
     "register_strategy",
+    "release",
     "use_comfyui",
 ]
 

@@ -40,8 +40,9 @@ def offload(*components: Any) -> None:
 
     A component that a live scope holds is offloaded too (with a warning); that
     scope no longer loads it back, and its exit leaves it on the CPU.  A
-    component that :func:`ondevice.prefetch` put on the device, and that no
-    scope has claimed since, is simply taken off again (the prefetch is cancelled).
+    component that :func:`ondevice.prefetch` put on the device, or that
+    :func:`ondevice.keep` kept there, and that no scope has claimed since, is
+    simply taken off again (the prefetch is cancelled, the keep ended).
     """
     parts = [part for component in components for part in parts_of(component)]
     for part in parts:

@@ -1,12 +1,18 @@
-"""Scopes: ``on_gpu`` and ``gpu_scoped`` decide *when* components are on the GPU; ``prefetch`` starts them early.
+"""Scopes: ``on_gpu`` and ``gpu_scoped`` decide *when* components are on the GPU; ``prefetch`` starts them early;
+``keep`` / ``release`` leave them there between scopes.
 
-Entering a scope acquires every component's parts from the residency table
-(loading what is not yet held); leaving it releases them (offloading what no
-other live scope holds), always: on return, exception, ``KeyboardInterrupt``
-or generator close.  The user's exception propagates unchanged; a failure to
-offload while one propagates is logged and attached to it as a note, except a
-``KeyboardInterrupt`` or ``SystemExit``, which is raised with the user's
-exception as its ``__context__``.
+Entering a scope acquires every component's parts from the residency table,
+all or none (loading what is not yet held, within the device's memory: see
+:mod:`ondevice.residency` for eviction, ``wait=``, ``timeout=``, ``budget=``
+and ``partial=``); leaving it releases them (offloading what no other live
+scope holds and nobody keeps), always: on return, exception,
+``KeyboardInterrupt`` or generator close.  The user's exception propagates
+unchanged; a failure to offload while one propagates is logged and attached
+to it as a note (the offload error's ``__context__`` is the user's error), and
+the other components are still offloaded; a ``KeyboardInterrupt`` or
+``SystemExit`` while releasing is raised with the user's exception as its
+``__context__``.  A load that runs out of device memory puts back everything
+the entry moved and raises :class:`~ondevice.errors.OutOfDeviceMemory`.
 
 A scope on components that are held already costs a few microseconds: it
 trusts the residency table and looks at no tensor (``scope.ensure()`` loads
@@ -30,14 +36,22 @@ share nothing.  Entries of different threads run at the same time: loads and
 offloads happen outside the table's lock, so a thread entering a scope on
 other weights never waits for another thread's move, and one entering a
 scope on weights another thread is moving waits for that move (see
-:mod:`ondevice.residency`).
+:mod:`ondevice.residency`).  ``async with on_gpu(...)`` (and a decorated
+``async def`` or async generator) holds the components for the calling
+asyncio task: an entry on held weights runs on the event loop; one that must
+wait or load, and an exit that offloads, runs on a thread of its own, so the
+loop keeps running; a task cancelled while it waits holds nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import logging
+import math
+import re
 import sys
 import threading
 import warnings
@@ -51,7 +65,7 @@ import torch
 from ondevice import devices
 from ondevice.devices import CPU
 from ondevice.errors import InvalidArgumentError, InvalidDeviceError, NoStrategyError
-from ondevice.residency import Claim, Holding, table
+from ondevice.residency import Claim, Holding, Owner, WouldBlock, table
 from ondevice.strategies import Part, has_strategy, parts_of, strategy_for
 
 __all__ = [
@@ -60,8 +74,10 @@ __all__ = [
     "Prefetch",
     "ScopeHandle",
     "gpu_scoped",
+    "keep",
     "on_gpu",
     "prefetch",
+    "release",
 ]
 
 log = logging.getLogger("ondevice")
@@ -87,6 +103,72 @@ class _Site(NamedTuple):
     filename: str
     line: int
     module: str
+
+
+class _Options(NamedTuple):
+    """How a scope acquires its components (``on_gpu``'s keywords besides ``device`` and ``prefetch``), checked."""
+
+    wait: bool = False
+    timeout: float | None = None
+    budget: int | None = None
+    partial: bool = False
+    keep: bool = False
+
+
+_NO_OPTIONS = _Options()
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def _options(  # noqa: PLR0913  (one keyword each, as the public functions take them)
+    what: str, *, keep: Any = False, wait: Any = False, timeout: Any = None, budget: Any = None, partial: Any = False
+) -> _Options:
+    """The scope keywords, checked before anything moves (InvalidArgumentError naming the bad one and the fix)."""
+    for name, value in (("keep", keep), ("wait", wait), ("partial", partial)):
+        if not isinstance(value, bool):
+            msg = f"{what}({name}={value!r}): {name} is True or False"
+            raise InvalidArgumentError(msg)
+    if timeout is not None:
+        number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        if not number or math.isnan(timeout) or timeout < 0:
+            msg = f"{what}(timeout={timeout!r}): pass a number of seconds >= 0 (with wait=True), or None for no limit"
+            raise InvalidArgumentError(msg)
+        if not wait:
+            msg = (
+                f"{what}(timeout={timeout!r}) without wait=True: the timeout bounds a wait for device memory; "
+                "pass wait=True with it, or leave timeout out to fail at once when it does not fit"
+            )
+            raise InvalidArgumentError(msg)
+    nbytes = None if budget is None else _budget_bytes(what, budget)
+    return _Options(wait, None if timeout is None else float(timeout), nbytes, partial, keep)
+
+
+def _budget_bytes(what: str, budget: Any) -> int:
+    """Bytes from ``budget``: a positive int, or a size like ``"6GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"``."""
+    nbytes = -1
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        nbytes = budget
+    elif isinstance(budget, str) and (match := _SIZE.fullmatch(budget)) and match[2].lower() in _UNITS:
+        nbytes = int(float(match[1]) * _UNITS[match[2].lower()])
+    if nbytes <= 0:
+        msg = (
+            f"{what}(budget={budget!r}): pass the most device memory the scope may take, as a positive int of bytes "
+            "or a string like '6GiB', '512MiB' or '8GB' (KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)"
+        )
+        raise InvalidArgumentError(msg)
+    return nbytes
+
+
+def _describe(options: _Options) -> str:
+    """The keywords that differ from the defaults, for a repr: ``", wait=True, budget=6442450944"``."""
+    return "".join(
+        f", {name}={value!r}" for name, value in options._asdict().items() if value != getattr(_NO_OPTIONS, name)
+    )
 
 
 @dataclass(frozen=True)
@@ -172,30 +254,106 @@ def prefetch(*components: Any, device: devices.DeviceLike = None) -> Prefetch:
     return Prefetch(target, components, table.prefetch(parts, target))
 
 
+def keep(*components: Any, device: devices.DeviceLike = None, wait: bool = False, timeout: float | None = None) -> None:
+    """Load ``components`` (where they are not on the device yet) and keep them there after every scope exits.
+
+    Kept components stay on the device, held by no scope, until their memory is
+    needed: a scope that does not fit evicts kept (and prefetched) components,
+    least recently used first.  A later ``with on_gpu(component)`` on the same
+    device finds them loaded and moves nothing; on another device it moves them
+    there.  :func:`release` ends the keep.  ``wait`` and ``timeout`` work as for
+    :class:`on_gpu` when they do not fit::
+
+        ondevice.keep(text_encoder)          # loaded once, for many prompts
+        for prompt in prompts:
+            with on_gpu(text_encoder):       # nothing moves
+                ...
+        ondevice.release(text_encoder)       # offloaded now
+
+    Thread semantics: like a scope's entry; a keep is not owned by a thread, any thread may release it.
+    """
+    options = _options("keep", keep=True, wait=wait, timeout=timeout)
+    target = devices.resolve(device)
+    parts = _collect_parts(components, "keep argument")
+    claims = table.acquire(parts, target, **options._asdict())
+    table.release(claims)  # kept: the weights stay
+
+
+def release(*components: Any) -> None:
+    """End the keep of ``components`` (:func:`keep`, ``on_gpu(..., keep=True)``): offload them now.
+
+    A component a live scope holds stays until that scope (the last one on it)
+    exits, then goes.  Components that are not kept are left as they are.
+
+    Thread semantics: any thread; waits for a move of the same weights in flight.
+    """
+    table.end_keep(_collect_parts(components, "release argument"))
+
+
 class _Entry:
     """One entry into a scope: acquires on ``__enter__``, releases what it acquired on ``__exit__``.
 
     Its claims live on the object, not on a thread, so a decorated generator
     may be finished or closed on another thread than the one that started it.
+    ``__aenter__`` / ``__aexit__`` make the claims the calling asyncio task's, and
+    run an acquire or a release that must wait or move weights on a thread of its
+    own, so the event loop keeps running.
     """
 
     def __init__(
-        self, components: tuple[Any, ...], device: devices.DeviceLike, site: _Site, ahead: tuple[Any, ...] = ()
+        self,
+        components: tuple[Any, ...],
+        device: devices.DeviceLike,
+        site: _Site,
+        ahead: tuple[Any, ...] = (),
+        options: _Options = _NO_OPTIONS,
     ) -> None:
         self._components = components
         self._device = device
         self._site = site
         self._ahead = ahead  # what prefetch= names: started once this entry's loads are done
+        self._options = options
         self._claims: list[Claim] | None = None
         self._baseline: tuple[torch.device, int] | None = None
         self._target = CPU
 
     def __enter__(self) -> ScopeHandle:
-        device = self._target = devices.resolve(self._device)
+        if self._ahead or self._options is not _NO_OPTIONS:
+            parts, ahead = self._prepare()
+            return self._acquire(parts, ahead, Owner.current(), recording=_grad_recording())
+        device = self._target = devices.resolve(self._device)  # the common case, written out: the hot path
         parts = _collect_parts(self._components)  # every error is raised before anything moves
-        ahead = _collect_parts(self._ahead, "prefetch argument") if self._ahead else None
         # the baseline is read under the table's lock right before the first claim: no move starts in between
         self._claims = table.acquire(parts, device, before=self._take_baseline if _grad_recording() else None)
+        return ScopeHandle(device, self._components)
+
+    def _prepare(self) -> tuple[list[Part], list[Part] | None]:
+        """Resolve the device and the parts: every error is raised here, before anything moves."""
+        self._target = devices.resolve(self._device)
+        parts = _collect_parts(self._components)
+        ahead = _collect_parts(self._ahead, "prefetch argument") if self._ahead else None
+        return parts, ahead
+
+    def _acquire(
+        self,
+        parts: list[Part],
+        ahead: list[Part] | None,
+        owner: Owner,
+        *,
+        recording: bool,
+        block: bool = True,
+        abort: threading.Event | None = None,
+    ) -> ScopeHandle:
+        device = self._target
+        if ahead is not None and not block:
+            raise WouldBlock  # a prefetch moves weights
+        # the baseline is read under the table's lock right before the first claim: no move starts in between
+        before = self._take_baseline if recording else None
+        if self._options is _NO_OPTIONS and block:
+            self._claims = table.acquire(parts, device, before=before, owner=owner)
+        else:
+            options = self._options._asdict()
+            self._claims = table.acquire(parts, device, before=before, owner=owner, block=block, abort=abort, **options)
         if ahead is None:
             return ScopeHandle(device, self._components)
         try:
@@ -206,6 +364,37 @@ class _Entry:
             raise
         return ScopeHandle(device, self._components, Prefetch(device, self._ahead, started))
 
+    def _undo(self, handle: ScopeHandle) -> None:
+        """Give back what an entry that nobody will exit acquired (an ``async with`` cancelled meanwhile)."""
+        claims, self._claims = self._claims or [], None
+        try:
+            if handle.prefetched is not None:
+                handle.prefetched.cancel()
+        finally:
+            table.release(claims)
+
+    async def __aenter__(self) -> ScopeHandle:
+        parts, ahead = self._prepare()
+        owner, recording = Owner.current(), _grad_recording()
+        try:  # the hot path (everything held already) stays on the event loop
+            return self._acquire(parts, ahead, owner, recording=recording, block=False)
+        except WouldBlock:
+            pass
+        abort = threading.Event()
+        enter = functools.partial(self._acquire, parts, ahead, owner, recording=recording, abort=abort)
+        return await _off_loop(enter, abort, self._undo)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        recording = _grad_recording()
+        if not table.moves_on_release(self._claims or []):
+            return self.__exit__(exc_type, exc, tb, recording)
+        return await _off_loop(functools.partial(self.__exit__, exc_type, exc, tb, recording))
+
     def _take_baseline(self) -> None:
         self._baseline = _baseline(self._target)
 
@@ -214,6 +403,7 @@ class _Entry:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
+        recording: bool | None = None,  # whether autograd records where the scope exits (None: here, read if needed)
     ) -> Literal[False]:
         claims, self._claims = self._claims or [], None
         try:
@@ -228,17 +418,95 @@ class _Entry:
             raise
         else:
             if exc is None:  # a propagating exception's traceback still holds the block's tensors
-                self._check_retained()
+                self._check_retained(recording=recording)
         return False
 
-    def _check_retained(self) -> None:
-        if self._baseline is None or not _grad_recording():
+    def _check_retained(self, *, recording: bool | None) -> None:
+        """``recording``: whether autograd records where the scope exits (None: here, read now)."""
+        if self._baseline is None or not (_grad_recording() if recording is None else recording):
             return
         device, before = self._baseline
         with table.lock:  # no move starts meanwhile: a move's holding is recorded under this lock before it runs
             now = None if table.holds_on(device) else _allocated(device)
         if now is not None and now - before > RETAINED_WARNING_BYTES:
             _warn_retained(now - before, device, self._site)
+
+
+R = TypeVar("R")
+
+
+async def _off_loop(
+    call: Callable[[], R], abort: threading.Event | None = None, undo: Callable[[R], None] | None = None
+) -> R:
+    """Run the blocking ``call`` on a thread of its own while the event loop keeps running; its result, or its error.
+
+    A thread of its own, not the loop's default executor: waiting acquires must never take every worker
+    that a release needs.  If the awaiting task is cancelled, ``abort`` is set (a waiting acquire gives
+    up) and, where ``call`` got through all the same, ``undo`` gives back what it got (on a thread); the
+    cancellation propagates once that is done, so a cancelled entry holds nothing.
+    """
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[R] = loop.create_future()  # call's result; cancelled with the awaiting task
+    finished: asyncio.Future[None] = loop.create_future()  # call is done, and any undo of it
+
+    def settle(result: R | None, error: BaseException | None) -> None:  # on the loop's thread
+        if not outcome.cancelled():
+            if error is not None:
+                outcome.set_exception(error)
+            else:
+                outcome.set_result(result)  # type: ignore[arg-type]
+            finished.set_result(None)
+        elif error is None and undo is not None:  # the task gave up before the result came: give it back
+            _on_thread(loop, functools.partial(undo, result), finished)  # type: ignore[arg-type]
+        else:
+            finished.set_result(None)
+
+    def run() -> None:
+        result: R | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:  # noqa: BLE001  (handed to the awaiting task)
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody takes the result
+            if error is None and undo is not None:
+                undo(result)  # type: ignore[arg-type]
+
+    threading.Thread(target=run, name="ondevice-wait", daemon=True).start()
+    try:
+        return await outcome
+    except asyncio.CancelledError:
+        if abort is not None:
+            abort.set()
+            table.wake()
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: what it got is still given back
+            await asyncio.shield(finished)
+        if outcome.done() and not outcome.cancelled() and outcome.exception() is None and undo is not None:
+            undone: asyncio.Future[None] = loop.create_future()  # it got through just before the cancellation
+            _on_thread(loop, functools.partial(undo, outcome.result()), undone)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(undone)
+        raise
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _on_thread(loop: asyncio.AbstractEventLoop, step: Callable[[], object], done: asyncio.Future[None]) -> None:
+    """Run ``step`` on a new thread; ``done`` gets its outcome (errors are logged: nobody awaits them)."""
+
+    def run() -> None:
+        try:
+            step()
+        except BaseException:  # noqa: BLE001  (a give-back nobody awaits: logged)
+            log.exception("ondevice: giving back what a cancelled entry acquired failed")
+        loop.call_soon_threadsafe(_resolve, done)
+
+    threading.Thread(target=run, name="ondevice-undo", daemon=True).start()
 
 
 class _Live(NamedTuple):
@@ -272,6 +540,26 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
     :class:`Prefetch`.  If the prefetch fails, the entry releases what it
     acquired and raises.
 
+    Memory (see :mod:`ondevice.residency`): the entry loads all its components
+    or none.  What does not fit evicts components no live scope holds (kept,
+    prefetched), least recently used first; then, by default, raises
+    :class:`~ondevice.errors.OutOfDeviceMemory` (needed, free, and what is held
+    there by whom).  ``wait=True`` waits until it fits instead, first come
+    first served per device, at most ``timeout`` seconds (then the same error);
+    a wait that could never end (the memory is held by this thread's own
+    scopes) raises at once.  ``budget="6GiB"`` (or an int of bytes) puts at
+    most that much of the components on the device, the rest through each
+    part's ``load_partial`` (ComfyUI's low-VRAM path); ``partial=True`` puts as
+    much as fits.  ``keep=True`` leaves the components on the device after the
+    last scope on them exits, until their memory is needed or
+    :func:`ondevice.release`.  Bad values raise
+    :class:`~ondevice.errors.InvalidArgumentError` here, before anything moves.
+
+    ``async with on_gpu(...)`` holds them for the calling asyncio task; an entry
+    that must wait or load runs on a thread of its own, so the event loop keeps
+    running (a cancelled task gives up its wait and holds nothing), and a
+    decorated ``async def`` or async generator enters that way.
+
     Thread semantics: one object may be entered by several threads at once and
     re-entered.  An exit closes the latest live entry made from the same frame
     (a generator's frame is the same whichever thread resumes, closes or
@@ -282,20 +570,52 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
     returns the generator; the scope is entered at its first step.
     """
 
-    def __init__(self, *components: Any, device: devices.DeviceLike = None, prefetch: Any = None) -> None:
+    def __init__(  # noqa: PLR0913  (on_gpu's keywords)
+        self,
+        *components: Any,
+        device: devices.DeviceLike = None,
+        prefetch: Any = None,
+        keep: bool = False,
+        wait: bool = False,
+        timeout: float | None = None,
+        budget: int | str | None = None,
+        partial: bool = False,
+    ) -> None:
         self._components = components
         self._device = device
         self._ahead: tuple[Any, ...] = _ahead(prefetch)
+        if keep is not False or wait is not False or partial is not False or timeout is not None or budget is not None:
+            self._options = _options("on_gpu", keep=keep, wait=wait, timeout=timeout, budget=budget, partial=partial)
+        else:
+            self._options = _NO_OPTIONS  # the hot path: nothing to check
         self._live: list[_Live] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> ScopeHandle:
         caller = sys._getframe(1)  # the frame holding the with-block; only its id is kept
-        entry = _Entry(self._components, self._device, _frame_site(caller), self._ahead)
+        entry = _Entry(self._components, self._device, _frame_site(caller), self._ahead, self._options)
         handle = entry.__enter__()
         with self._lock:
             self._live.append(_Live(entry, id(caller), threading.get_ident()))
         return handle
+
+    async def __aenter__(self) -> ScopeHandle:
+        caller = sys._getframe(1)  # the coroutine holding the async with-block
+        entry = _Entry(self._components, self._device, _frame_site(caller), self._ahead, self._options)
+        handle = await entry.__aenter__()
+        with self._lock:
+            self._live.append(_Live(entry, id(caller), threading.get_ident()))
+        return handle
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        with self._lock:
+            live = self._take(id(sys._getframe(1)))
+        return await live.entry.__aexit__(exc_type, exc, tb)
 
     def __exit__(
         self,
@@ -331,7 +651,7 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
             if signature is not None:
                 _bind(func, signature, args, kwargs)  # a bad call raises before anything moves
-            return _Entry(self._components, self._device, site, self._ahead)
+            return _Entry(self._components, self._device, site, self._ahead, self._options)
 
         return _wrap(func, make_scope)
 
@@ -339,7 +659,7 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         names = ", ".join(type(c).__name__ for c in self._components)
         ahead = ", ".join(type(c).__name__ for c in self._ahead)
         ahead = f", prefetch=({ahead})" if self._ahead else ""
-        return f"on_gpu({names}, device={self._device!r}{ahead})"
+        return f"on_gpu({names}, device={self._device!r}{ahead}{_describe(self._options)})"
 
 
 def _ahead(prefetch: Any) -> tuple[Any, ...]:
@@ -380,6 +700,7 @@ def _note(exc: BaseException, note: str) -> None:
 
 
 def _attach(user_error: BaseException, release_error: BaseException) -> None:
+    _chain(release_error, user_error)  # its traceback reads "during handling of" the user's error
     log.error("ondevice: offload failed while %r propagated", user_error, exc_info=release_error)
     _note(user_error, f"ondevice: offloading at scope exit also failed: {release_error!r}")
 
@@ -529,7 +850,7 @@ def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entr
 
         @functools.wraps(func)
         async def run_async(*args: Any, **kwargs: Any) -> Any:  # stays `async def` for iscoroutinefunction
-            with make_scope(args, kwargs):
+            async with make_scope(args, kwargs):
                 return await func(*args, **kwargs)
 
         return run_async  # type: ignore[return-value]
@@ -557,7 +878,7 @@ def _scoped_generator(entry: _Entry, generator: Generator[Any, Any, Any]) -> Gen
 
 async def _scoped_async_generator(entry: _Entry, agen: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, Any]:
     """Run ``agen`` inside ``entry``, forwarding asend / athrow / aclose as ``yield from`` does (PEP 380)."""
-    with entry:
+    async with entry:
         try:
             item = await agen.__anext__()
         except StopAsyncIteration:
@@ -582,16 +903,33 @@ async def _scoped_async_generator(entry: _Entry, agen: AsyncGenerator[Any, Any])
 @overload
 def gpu_scoped(func: F, /) -> F: ...
 @overload
-def gpu_scoped(*names: str, device: devices.DeviceLike = None) -> Callable[[F], F]: ...
+def gpu_scoped(  # noqa: PLR0913  (on_gpu's keywords)
+    *names: str,
+    device: devices.DeviceLike = None,
+    keep: bool = False,
+    wait: bool = False,
+    timeout: float | None = None,
+    budget: int | str | None = None,
+    partial: bool = False,
+) -> Callable[[F], F]: ...
 
 
-def gpu_scoped(*args: Any, device: devices.DeviceLike = None) -> Any:
+def gpu_scoped(  # noqa: PLR0913  (on_gpu's keywords)
+    *args: Any,
+    device: devices.DeviceLike = None,
+    keep: bool = False,
+    wait: bool = False,
+    timeout: float | None = None,
+    budget: int | str | None = None,
+    partial: bool = False,
+) -> Any:
     """Decorator: each call of the function runs with some of its arguments on the GPU.
 
     ``@gpu_scoped`` scopes every argument that has a strategy;
     ``@gpu_scoped("vae")`` or ``@gpu_scoped("model", "clip", device="cuda:1")``
     scopes the named parameters (a ``*args`` / ``**kwargs`` parameter scopes
-    each of its values).  Works on functions, methods, ``async def``,
+    each of its values).  ``keep``, ``wait``, ``timeout``, ``budget`` and
+    ``partial`` work as for :class:`on_gpu` (checked at decoration).  Works on functions, methods, ``async def``,
     generator and async generator functions; a decorated generator or async
     generator function is a plain function that binds its arguments at the
     call (a bad call raises ``TypeError`` there, naming the function) and
@@ -601,17 +939,18 @@ def gpu_scoped(*args: Any, device: devices.DeviceLike = None) -> Any:
 
     Thread semantics: every call gets its own scope, so threads and recursion share nothing.
     """
+    options = _options("gpu_scoped", keep=keep, wait=wait, timeout=timeout, budget=budget, partial=partial)
     if len(args) == 1 and callable(args[0]):
-        return _decorate(args[0], (), device)
+        return _decorate(args[0], (), device, options)
     for name in args:
         if not isinstance(name, str):
             hint = " (to hold a component on the GPU use on_gpu(component))" if has_strategy(name) else ""
             msg = f"gpu_scoped({name!r}): arguments name parameters and must be strings, e.g. gpu_scoped('vae'){hint}"
             raise InvalidArgumentError(msg)
-    return lambda func: _decorate(func, args, device)
+    return lambda func: _decorate(func, args, device, options)
 
 
-def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
+def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike, options: _Options) -> F:
     _check_decoratable(func, f"gpu_scoped{names!r}" if names else "gpu_scoped", component_hint=True)
     signature = inspect.signature(func)
     unknown = [name for name in names if name not in signature.parameters]
@@ -631,7 +970,7 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike) -> F:
         else:
             every = [c for name in bound.arguments for c in _values(signature, bound.arguments, name)]
             components = [c for c in every if has_strategy(c)]
-        return _Entry(tuple(components), device, site)
+        return _Entry(tuple(components), device, site, options=options)
 
     return _wrap(func, make_scope)
 

@@ -78,6 +78,7 @@ def _no_scope_leaks() -> Iterator[None]:
     for holding in leaked:
         if holding.prefetched:
             table.cancel(holding)  # a prefetch no scope claimed
+    table.end_keep([holding.part for holding in leaked if holding.kept])
     mm = sys.modules.get("comfy.model_management")
     if mm is not None:
         mm.unload_all_models()

@@ -133,14 +133,28 @@ def test_a_prefetch_of_held_weights_is_a_no_op() -> None:
 
 
 def test_a_prefetch_on_another_device_than_the_holding_is_a_conflict() -> None:
-    """Weights held on one device and prefetched for another: ResidencyConflictError, the holding unchanged."""
+    """Weights claimed on one device and prefetched for another: ResidencyConflictError, the holding unchanged."""
     table, w = ResidencyTable(), Weights()
     claims = table.acquire([Ahead(w)], GPU)
     with pytest.raises(ResidencyConflictError, match="held on meta"):
         table.prefetch([Ahead(w)], torch.device("cuda", 1))
     assert [h.device for h in table.held()] == [GPU]
     table.release(claims)
+
+
+def test_a_claim_on_another_device_than_a_prefetch_moves_it() -> None:
+    """Weights prefetched (no claim) on one device and claimed on another: taken off the first, loaded on the other."""
+    table, w, other = ResidencyTable(), Weights(), torch.device("cuda", 1)
     (holding,) = table.prefetch([Ahead(w)], GPU)
-    with pytest.raises(ResidencyConflictError, match="held on meta"):
-        table.acquire([Ahead(w)], torch.device("cuda", 1))
-    assert table.cancel(holding)
+    claims = table.acquire([Ahead(w)], other)
+    assert [h.device for h in table.held()] == [other] and not table.cancel(holding)
+    assert w.where == other
+    table.release(claims)
+    assert [m for m in w.moves if not m.startswith(("point", "restore"))] == [
+        "prefetch none",
+        "join none",
+        "offload",
+        "load none",
+        "offload",
+    ]
+    assert table.held() == []

@@ -19,7 +19,7 @@ import torch
 import ondevice
 from ondevice import on_gpu
 from ondevice import pinning as ondevice_pinning
-from ondevice.strategies.comfy import registered_entries
+from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, capture_moves, fake_gpu
 from tests.strategies._lora import lora_clone
 
@@ -450,14 +450,23 @@ def test_comfyui_calls_inside_a_scope_keep_the_held_model(fake_gpu: FakeGPU, sd1
 
 @pytest.mark.parametrize("where", ["staging", "comfyui patching"])
 def test_load_that_does_not_fit_leaves_everything_on_the_cpu(sd15: ondevice.Checkpoint, where: str) -> None:
-    """OOM while staging, or in ComfyUI's patching after it: raised; weights, masters and memory as before."""
+    """OOM while staging, or in ComfyUI's patching after it (the part's own load: a scope is refused before that, by
+    the table's memory check): raised; weights, masters and memory as before."""
     patcher = lora_clone(sd15.model)
     patched = sum(nbytes(tensors(patcher)[key]) for key in patcher.patches)
     room = patcher.model_size() // 2 if where == "staging" else patcher.model_size() - patched // 2
     with fake_gpu(memory=room) as gpu:
         originals = Originals(patcher)
-        with pytest.raises(torch.OutOfMemoryError), on_gpu(patcher):
+        with pytest.raises(ondevice.OutOfDeviceMemory), on_gpu(patcher):
             pass
+        assert gpu.bytes_to_device == 0  # refused before anything moved
+        part = PatcherPart(patcher)
+        part.point_at(gpu.device)
+        try:
+            with pytest.raises(torch.OutOfMemoryError):
+                part.load(gpu.device)
+        finally:
+            part.restore()
         if where == "comfyui patching":
             assert gpu.bytes_to_device >= patcher.model_size() - patched  # the staging went through
         assert gpu.memory_allocated() == 0

@@ -376,14 +376,23 @@ def test_the_guard_locks_again_after_comfyui_reset_the_limits(dynamic: ondevice.
 
 
 def test_not_enough_vram_raises_and_holds_nothing(aimdo: type[StandInVBAR], sd15_checkpoint: Path) -> None:
-    """A dynamic model whose weights do not fit raises OnDeviceError naming dynamic VRAM; nothing stays."""
+    """A dynamic model whose weights do not fit: the scope is refused (OutOfDeviceMemory) before anything moves; the
+    part's own load, past the table's check, raises OnDeviceError naming dynamic VRAM; nothing stays either way."""
     from ondevice.testing import fake_gpu  # noqa: PLC0415
 
     with fake_gpu(memory=8 * PAGE) as gpu:
         ckpt = _load_dynamic(sd15_checkpoint)
         try:
-            with pytest.raises(ondevice.OnDeviceError, match="--disable-dynamic-vram"), on_gpu(ckpt.model):
+            with pytest.raises(ondevice.OutOfDeviceMemory, match="needed"), on_gpu(ckpt.model):
                 pass
+            assert_released(ckpt.model, gpu, 0)
+            part = PatcherPart(ckpt.model)
+            part.point_at(gpu.device)
+            try:
+                with pytest.raises(ondevice.OnDeviceError, match="--disable-dynamic-vram"):
+                    part.load(gpu.device)
+            finally:
+                part.restore()
             assert_released(ckpt.model, gpu, 0)
         finally:
             StandInVBAR.priority.clear()
