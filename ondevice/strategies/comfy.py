@@ -5,9 +5,9 @@ exactly as ComfyUI loads a model "straight to GPU".  Offloading pops every
 entry of ``current_loaded_models`` whose patcher wraps the same ``nn.Module``
 (clones included) and unloads it in the same step, with the patcher's
 ``offload_device`` pointed at the CPU for that call, so weights land on the
-CPU even under ``--highvram`` / ``--gpu-only``.  ``LoadedModel`` is never
-built by hand and no unloaded entry (``model_finalizer is None``) is left
-in the list.
+CPU even under ``--highvram`` / ``--gpu-only``.  ``LoadedModel`` is built
+by hand only for a partial load within a budget (below), and no unloaded
+entry (``model_finalizer is None``) is left in the list.
 
 The fast path (a plain ``ModelPatcher``; path ``"staged"`` in move events):
 before ComfyUI's load, ondevice copies every weight that ComfyUI would copy
@@ -37,6 +37,16 @@ entry fails; at exit the lock is dropped and ComfyUI's unload frees the
 pages and its pinned host buffers.  docs/dynamic-vram.md says what that
 guarantees and what it cannot.
 
+Partial loads (:meth:`PatcherPart.load_partial`: ``budget=``, ``partial=True``)
+are ComfyUI's own low-VRAM load: ``LoadedModel.model_load(lowvram_model_memory=budget)``,
+registered in ``current_loaded_models`` as ``load_models_gpu`` registers a load
+(budget None: ``load_models_gpu`` itself, ComfyUI deciding from the free memory).
+The largest modules that fit are loaded; every other module is cast to the
+device layer by layer in each forward (``comfy_cast_weights``).  The entry is a
+``LoadedModel`` whose ``model_use_more_vram`` never takes ComfyUI's later loads
+(a sampler's ``load_models_gpu``) past the budget.  Exit is the same unload:
+ComfyUI wipes its cast functions and unpins the host copies it pinned (0.3.75+).
+
 Features are probed (``hasattr``), never version strings: ``detach`` exists
 from 2024-12 on; ``LoadedModel.model`` is a weakref property from 2024-12 on
 and may be ``None``; ``is_dynamic`` / ``register_load_device`` /
@@ -62,7 +72,7 @@ import torch
 
 from ondevice.comfyui import comfyui_lock
 from ondevice.devices import CPU
-from ondevice.errors import MissingWeightsError, OnDeviceError
+from ondevice.errors import InvalidArgumentError, MissingWeightsError, OnDeviceError
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
 from ondevice.strategies import Part, register_strategy
@@ -204,6 +214,62 @@ def _relock_held() -> None:
 _prefetched: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.device]] = weakref.WeakKeyDictionary()
 
 
+# ---------------------------------------------------------------------- partial loads (budget=, partial=True)
+
+# nn.Module -> the budget (bytes) of the partial load ondevice made of those weights, None where ComfyUI chose how
+# much from the free memory; an entry exists exactly while ondevice holds them loaded that way (weak: ComfyUI owns them)
+_partial: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+class _BudgetedModel(mm.LoadedModel):  # type: ignore[misc]  # ComfyUI is untyped
+    """ComfyUI's loaded-model entry for weights ondevice loaded within a budget: ComfyUI never loads past it.
+
+    ComfyUI grows a partially loaded model through ``model_use_more_vram`` (its
+    sampler's ``load_models_gpu`` offers the free memory, directly or through
+    ``use_more_memory``); this entry takes only what keeps ``loaded_size()``
+    within the budget.  A smaller or negative offer (ComfyUI short of room for
+    inference) passes unchanged: ComfyUI unloads part, still within the budget.
+    """
+
+    def __init__(self, patcher: Any, budget: int) -> None:
+        super().__init__(patcher)
+        self.budget = budget
+
+    def model_use_more_vram(self, extra_memory: float, *args: Any, **kwargs: Any) -> Any:
+        room = self.budget - self.model.loaded_size()
+        return super().model_use_more_vram(min(extra_memory, room), *args, **kwargs)
+
+
+def _load_within(patcher: Any, device: torch.device, budget: int) -> None:
+    """ComfyUI's own low-VRAM load of at most ``budget`` bytes, registered as ``load_models_gpu`` registers a load.
+
+    ``LoadedModel.model_load(lowvram_model_memory)`` is the memory-bounded load
+    of every ComfyUI version: it loads the largest modules that fit, leaves the
+    rest on the CPU with ``comfy_cast_weights`` set (cast to the device per
+    forward), and sets ``model_lowvram``, ``model.device`` and ``loaded_size()``.
+    """
+    if budget > mm.get_free_memory(device):
+        mm.free_memory(budget, device)  # guarded: never evicts what live scopes hold
+    entry = _BudgetedModel(patcher, budget)
+    entry.model_load(budget or 1)  # 1 byte, not 0: ComfyUI reads 0 as "load it all"
+    mm.current_loaded_models.insert(0, entry)
+
+
+def _budget_error(patcher: Any, budget: int, *, dynamic: bool) -> str | None:
+    """Why ``budget`` cannot apply to ``patcher``'s load, or ``None``."""
+    name = type(patcher.model).__name__
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        return f"budget={budget!r} for {name}: pass a number of bytes >= 0, or None to let ComfyUI choose"
+    if dynamic:
+        return (
+            f"budget={budget!r} does not apply to {name}: it is loaded with ComfyUI's dynamic VRAM (comfy-aimdo), "
+            "which pages weights in per use by itself; scope it with partial=True and no budget (ComfyUI's dynamic "
+            "load) or whole, or load it with disable_dynamic=True (or start ComfyUI with --disable-dynamic-vram) to "
+            "bound it with a budget"
+        )
+    return None
+
+
 # ---------------------------------------------------------------------- unloading
 
 
@@ -285,10 +351,17 @@ class PatcherPart(Part):
     def tensors(self) -> Iterable[torch.Tensor]:
         return module_tensors(self.patcher.model)
 
+    def nbytes(self) -> int:
+        """ComfyUI's own size of the weights, ``model_size()`` (cached by ComfyUI; no walk over the tensors, whose
+        storages a dynamic-VRAM load may have replaced)."""
+        return int(self.patcher.model_size())
+
     def is_on(self, device: torch.device) -> bool:
         pending = _prefetched.get(self.patcher.model)
         if pending is not None:  # copies in flight; ComfyUI's load (and its patches) follow at join()
             return bool(pending[1] == device)
+        if self.patcher.model in _partial:
+            return self._partially_on(device, _partial[self.patcher.model])
         if not _is_dynamic(self.patcher):
             return is_registered(self.patcher) and all_on(self.tensors(), device)
         # the weights stay CPU tensors; ComfyUI casts them from the VBAR's pages on the device
@@ -297,6 +370,12 @@ class PatcherPart(Part):
             and getattr(self.patcher.model, "device", None) == device
             and _is_resident(self.patcher, device)
         )
+
+    def _partially_on(self, device: torch.device, budget: int | None) -> bool:
+        """Whether ComfyUI holds the weights loaded on ``device``, in part, within ``budget`` (None: any amount)."""
+        if not self._registered_on(device) or getattr(self.patcher.model, "device", None) != device:
+            return False
+        return budget is None or self.patcher.loaded_size() <= budget
 
     def _registered_on(self, device: torch.device) -> bool:
         return any(entry.device == device for entry in registered_entries(self.patcher.model))
@@ -321,6 +400,7 @@ class PatcherPart(Part):
             self.load(device)
             return
         with comfyui_lock:
+            _partial.pop(self.patcher.model, None)  # a full load: a partial one is unloaded first
             try:
                 if not self.is_on(device):
                     self._unload_all()
@@ -344,9 +424,69 @@ class PatcherPart(Part):
                 self._unload_all()
                 raise
 
+    def load_partial(self, device: torch.device, budget: int | None) -> None:
+        """Put at most ``budget`` bytes of the weights on ``device``; ComfyUI casts the rest per layer in each forward.
+
+        ComfyUI's own low-VRAM load: the largest modules that fit the budget are
+        loaded, every other module with ``comfy_cast_weights`` stays on the CPU and
+        is cast to the device layer by layer when it runs, so a forward needs room
+        for that working set beside the budget.  ComfyUI's later loads of the
+        weights (a sampler's ``load_models_gpu``) never load past the budget.
+        ``budget`` None: as much as ComfyUI's ``load_models_gpu`` loads from the
+        free memory; the model's size or more: a full load (:meth:`load`).
+        :meth:`offload` puts everything on the CPU again (weights, ComfyUI's cast
+        functions and pinned host copies included).  A dynamic-VRAM patcher
+        streams by itself: ``None`` is ComfyUI's dynamic load, a budget raises
+        :class:`~ondevice.errors.InvalidArgumentError` before anything moves.
+        On failure everything is left on the CPU and the error raised.
+        """
+        patcher, model = self.patcher, self.patcher.model
+        dynamic = _is_dynamic(patcher)
+        problem = None if budget is None else _budget_error(patcher, budget, dynamic=dynamic)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
+        with comfyui_lock:
+            if model in _partial and _partial[model] == budget and self.is_on(device):
+                return
+            if budget is not None and budget >= patcher.model_size():
+                self._load(device, wait=True)  # it fits the budget: a full load, on the fast path
+                _partial[model] = budget
+            else:
+                self._load_part(device, budget, dynamic=dynamic)
+
+    def _load_part(self, device: torch.device, budget: int | None, *, dynamic: bool) -> None:
+        patcher = self.patcher
+        try:
+            self._unload_all()  # a full, stale or other-budget load is not reshaped in place
+            self._set_comfyui_move(budget, dynamic=dynamic)
+            if budget is None:
+                mm.load_models_gpu([patcher])  # ComfyUI decides from the free memory, as its samplers do
+            else:
+                _load_within(patcher, device, budget)
+            _partial[patcher.model] = budget
+            if not self.is_on(device):
+                name = type(patcher.model).__name__
+                msg = f"ComfyUI's partial load did not register {name} on {device}; free device memory and retry"
+                raise OnDeviceError(msg)
+        except BaseException:
+            try:
+                self._unload_all()
+            finally:
+                for module in patcher.model.modules():
+                    if hasattr(module, "prev_comfy_cast_weights"):  # a low-VRAM load failed before ComfyUI marked it
+                        mp.wipe_lowvram_weight(module)  # ComfyUI's unload wipes only a model_lowvram model
+            raise
+
+    def _set_comfyui_move(self, budget: int | None, *, dynamic: bool) -> None:
+        amount = "as much as ComfyUI chooses" if budget is None else f"at most {budget:,} bytes"
+        path = "dynamic VRAM (comfy-aimdo)" if dynamic else "low-VRAM path"
+        self.last_pinned, self.last_stream, self.copied_bytes = False, None, None
+        self.last_move, self.last_fallback = "comfyui", f"partial load ({amount}): ComfyUI's {path}"
+
     def _load(self, device: torch.device, *, wait: bool) -> None:
         dynamic = _is_dynamic(self.patcher)
         with comfyui_lock:
+            _partial.pop(self.patcher.model, None)  # a full load now: is_on asks for every weight again
             try:
                 if dynamic:
                     self._unload_all(keep=device)  # ComfyUI's reload reuses pages still resident here
@@ -417,6 +557,7 @@ class PatcherPart(Part):
                 _release_vbars(patcher, keep)
             finally:
                 if keep is None:
+                    _partial.pop(patcher.model, None)
                     self._settle_on_cpu()
                 mm.soft_empty_cache()
 
@@ -675,7 +816,14 @@ def _register() -> None:
     register_strategy(comfy.clip_vision.ClipVisionModel, ClipVisionStrategy())
     register_strategy(comfy.controlnet.ControlBase, ControlNetStrategy())
     count_kept_elsewhere(_kept_by_comfyui)  # what ComfyUI keeps loaded is not memory a scope left behind
+    table.add_reclaimer(_reclaim)
     install_guard()
+
+
+def _reclaim(device: torch.device, nbytes: int) -> None:
+    """Let ComfyUI unload models it keeps loaded but no scope holds until ``nbytes`` are free on ``device``."""
+    with comfyui_lock:
+        mm.free_memory(nbytes, device)  # guarded: never what live scopes (or keeps, prefetches) hold
 
 
 _register()
