@@ -206,6 +206,8 @@ class FakeGPU:
             fakegpu.set_device_count(self.device_count)
             fakegpu.set_memory_limit(self.memory)
             fakegpu.set_pinned_limit(self.pinned_limit)
+            for index in range(self.device_count):
+                fakegpu.reset_peak_memory_stats(index)  # max_memory_allocated counts from this activation
             stack.callback(_reset_backend)
             devices.register_backend("fakegpu", _ondevice_backend(), default=True)
             stack.callback(devices.register_backend, "fakegpu", None)
@@ -259,7 +261,7 @@ class FakeGPU:
         return fakegpu.memory_allocated(index) if fakegpu.is_installed() else 0
 
     def max_memory_allocated(self, index: int = 0) -> int:
-        """The most bytes live at once on ``fakegpu:index`` since :meth:`reset_peak_memory_stats` (or the start)."""
+        """The most bytes live at once on ``fakegpu:index`` since :meth:`reset_peak_memory_stats` or this activation."""
         return fakegpu.max_memory_allocated(index) if fakegpu.is_installed() else 0
 
     def reset_peak_memory_stats(self, index: int = 0) -> None:
