@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -27,6 +28,8 @@ __all__ = [
     "default_gpu",
     "memory_allocated",
     "memory_info",
+    "SIZE_HINT",
+    "parse_size",
     "register_backend",
     "resolve",
     "synchronize",
@@ -231,3 +234,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+SIZE_HINT = "a string like '8GiB', '512MiB', '1.5GiB' or '8GB' (KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)"
+"""How a memory size may be written, for error messages."""
+
+
+def parse_size(value: object) -> int | None:
+    """Bytes from an int, or from ``"8GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"`` (GB = 10**9); None if neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value)) and match[2].lower() in _UNITS:
+        return int(float(match[1]) * _UNITS[match[2].lower()])
+    return None

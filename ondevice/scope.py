@@ -51,7 +51,6 @@ import functools
 import inspect
 import logging
 import math
-import re
 import sys
 import threading
 import warnings
@@ -117,13 +116,6 @@ class _Options(NamedTuple):
 
 _NO_OPTIONS = _Options()
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
-
 
 def _options(  # noqa: PLR0913  (one keyword each, as the public functions take them)
     what: str, *, keep: Any = False, wait: Any = False, timeout: Any = None, budget: Any = None, partial: Any = False
@@ -150,15 +142,11 @@ def _options(  # noqa: PLR0913  (one keyword each, as the public functions take 
 
 def _budget_bytes(what: str, budget: Any) -> int:
     """Bytes from ``budget``: a positive int, or a size like ``"6GiB"``, ``"512MiB"``, ``"1.5GiB"``, ``"8GB"``."""
-    nbytes = -1
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        nbytes = budget
-    elif isinstance(budget, str) and (match := _SIZE.fullmatch(budget)) and match[2].lower() in _UNITS:
-        nbytes = int(float(match[1]) * _UNITS[match[2].lower()])
-    if nbytes <= 0:
+    nbytes = devices.parse_size(budget)
+    if nbytes is None or nbytes <= 0:
         msg = (
             f"{what}(budget={budget!r}): pass the most device memory the scope may take, as a positive int of bytes "
-            "or a string like '6GiB', '512MiB' or '8GB' (KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)"
+            f"or {devices.SIZE_HINT}"
         )
         raise InvalidArgumentError(msg)
     return nbytes

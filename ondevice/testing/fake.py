@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import re
 import sys
 import threading
 import types
@@ -50,12 +49,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _VRAM_STATES = ("DISABLED", "NO_VRAM", "LOW_VRAM", "NORMAL_VRAM", "HIGH_VRAM", "SHARED")
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 _lock = threading.RLock()
 _active: FakeGPU | None = None
@@ -64,18 +57,10 @@ _NO_COPIES: tuple[int, ...] = (0, 0, 0, 0)  # bytes to the device, to the CPU, a
 
 def _parse_memory(memory: str | int, argument: str = "memory", minimum: int = 1) -> int:
     """Bytes from ``8GiB``, ``512MiB``, ``1.5GiB``, ``8GB`` (GB = 10**9) or an int number of bytes."""
-    if isinstance(memory, int) and not isinstance(memory, bool):
-        nbytes = memory
-    elif isinstance(memory, str) and (match := _SIZE.fullmatch(memory)) and match[2].lower() in _UNITS:
-        nbytes = int(float(match[1]) * _UNITS[match[2].lower()])
-    else:
-        nbytes = -1
-    if nbytes < minimum:
+    nbytes = devices.parse_size(memory)
+    if nbytes is None or nbytes < minimum:
         least = "positive" if minimum > 0 else "non-negative"
-        msg = (
-            f"{argument}={memory!r} is not a memory size; pass a {least} int number of bytes or a string "
-            "like '8GiB', '512MiB', '1.5GiB' or '8GB' (KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000)"
-        )
+        msg = f"{argument}={memory!r} is not a memory size; pass a {least} int number of bytes or {devices.SIZE_HINT}"
         raise InvalidArgumentError(msg)
     return nbytes
 
