@@ -19,6 +19,7 @@ from ondevice import InvalidArgumentError, OutOfDeviceMemory, gpu_scoped, on_gpu
 from ondevice.residency import table
 from ondevice.strategies.module import ModulePart
 from ondevice.testing import FakeGPU, capture_moves, fake_gpu
+from tests._threads import run_threads
 
 CPU = torch.device("cpu")
 WIDTH = 128
@@ -92,13 +93,8 @@ def test_eight_threads_wait_for_room_on_a_gpu_that_fits_two_of_four(small_gpu: F
             except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
     with Peak(small_gpu) as peak:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-            assert not t.is_alive(), "a thread is stuck (deadlock?)"
+        run_threads(work, ((seed,) for seed in range(8)))
     assert failures == []
     assert 0 < peak.peak <= small_gpu.memory
     assert all(where(m) == {CPU} for m in models)

@@ -14,6 +14,7 @@ from ondevice import on_gpu
 from ondevice.residency import table
 from ondevice.strategies.module import ModulePart
 from ondevice.testing import FakeGPU
+from tests._threads import run_threads
 
 CPU = torch.device("cpu")
 
@@ -67,12 +68,7 @@ def test_threads_never_double_load_and_end_on_cpu(fake_gpu: FakeGPU) -> None:
     WatchedPart.errors.clear()
     models: list[torch.nn.Module] = [Watched(32, 32) for _ in range(3)]
     failures: list[str] = []
-    threads = [threading.Thread(target=_hammer, args=(models, fake_gpu.device, seed, failures)) for seed in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    run_threads(_hammer, ((models, fake_gpu.device, seed, failures) for seed in range(8)))
     assert failures == []
     assert WatchedPart.errors == []
     assert all(set(ondevice.placement(m)) == {CPU} for m in models)
@@ -96,12 +92,7 @@ def test_threads_on_comfyui_components(fake_gpu: FakeGPU, sd15: ondevice.Checkpo
             except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    run_threads(work, ((seed,) for seed in range(4)))
     assert failures == []
     assert set(ondevice.placement(sd15.model)) == set(ondevice.placement(sd15.vae)) == {CPU}
     assert fake_gpu.memory_allocated() == base
@@ -164,12 +155,7 @@ def test_threads_with_other_patches_never_run_on_swapped_weights(fake_gpu: FakeG
             except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    run_threads(work, ((seed,) for seed in range(4)))
     assert failures == []
     assert all("is waiting, directly or through other threads" in str(exc) for exc in conflicts)
     assert set(ondevice.placement(module)) == {CPU}
@@ -204,12 +190,7 @@ def test_threads_prefetching_for_each_other_compute_on_landed_weights(fake_gpu: 
             except Exception as exc:  # noqa: BLE001  (collected and asserted on below)
                 failures.append(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a thread is stuck (deadlock?)"
+    run_threads(work, ((seed,) for seed in range(4)))
     assert failures == []
     assert [h.part for h in table.held()] == []  # every prefetch was adopted by a scope, which offloaded it
     assert all(set(ondevice.placement(m)) == {CPU} for m in models)
