@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ondevice.devices import CPU
+from ondevice.devices import CPU, memory_info
 from ondevice.pinning import Pinning, pin
 from ondevice.strategies import Part
 
@@ -478,7 +478,28 @@ class ModulePart(Part):
         self.last_pinned, self.last_stream, self.last_fallback = staging.pinned, staging.stream, staging.fallback
         self.last_move, self.copied_bytes = "module.to", staging.copied
 
+    def load_partial(self, device: torch.device, budget: int | None) -> None:
+        """At most ``budget`` bytes resident, the other submodules streamed per forward (see
+        :mod:`ondevice.strategies.streaming`); ``budget`` None: what is free on the device now, less room for
+        the largest submodule streamed in and a tenth of it for activations."""
+        from ondevice.strategies.streaming import largest_unit, stream  # noqa: PLC0415  (it imports this module)
+
+        if not self._plain_to():
+            super().load_partial(device, budget)
+            return
+        if budget is None:
+            free = memory_info(device)[0]
+            budget = max(0, free - largest_unit(self.module) - free // 10)
+        streaming = stream(self.module, device, budget)
+        staging = streaming.staging
+        self.last_pinned, self.last_stream = staging.pinned, staging.stream
+        self.last_move, self.copied_bytes = "streamed", staging.copied
+        self.last_fallback = f"{len(streaming.streamed)} submodules streamed per forward (budget {budget:,} bytes)"
+
     def offload(self) -> None:
+        from ondevice.strategies.streaming import unstream  # noqa: PLC0415  (it imports this module)
+
+        unstream(self.module)
         self.last_pinned, self.last_stream, self.last_fallback = False, None, None
         pointed = point_back(self.module) if self._plain_to() else None
         if pointed is None:
@@ -487,6 +508,11 @@ class ModulePart(Part):
             self.last_move, self.copied_bytes = "zero-copy", pointed.copied
 
     def is_on(self, device: torch.device) -> bool:
+        from ondevice.strategies.streaming import streaming  # noqa: PLC0415  (it imports this module)
+
+        split = streaming(self.module)
+        if split is not None:  # streamed units are on the CPU between forwards
+            return bool(split.device == device)
         return all_on(self.tensors(), device)
 
     def _plain_to(self) -> bool:
