@@ -1,0 +1,68 @@
+"""Releasing claims: the last release of weights offloads them (unless kept), the release of the claim whose patches
+are loaded swaps the latest claim still live back in, and every release runs even if one fails.
+
+A claim's pointers are undone at its release, but those of the first part pointed, which saved the
+true originals, are undone only when the weights leave the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ondevice.residency.holdings import Claim, Ledger, State
+from ondevice.residency.moves import end_holding, first_error, swap_back
+from ondevice.strategies import Part
+
+__all__ = ["release_all"]
+
+
+def release_all(ledger: Ledger, claims: Iterable[Claim]) -> bool:
+    """Release every claim; raise the first error once all ran; whether anything moved."""
+    first: BaseException | None = None
+    moved = False
+    for claim in claims:
+        try:
+            moved = _release_one(ledger, claim) or moved
+        except BaseException as exc:  # noqa: BLE001  (every release runs; the first error is raised)
+            first, moved = first_error(first, exc, claim.part), True
+    if first is not None:
+        raise first
+    return moved
+
+
+def _release_one(ledger: Ledger, claim: Claim) -> bool:
+    """Drop one claim (its pointers undone unless it was the first pointed); whether that moved weights."""
+    holding, part = claim.holding, claim.part
+    successor: Part | None = None
+    last = unpoint = False
+    try:
+        with ledger.state_lock:
+            ledger.wait_while_moved_elsewhere(holding)
+            ledger.remove_claim(holding, part)  # ValueError if released already
+            if not holding.claims and holding.kept and not holding.forced_off:
+                holding.used = next(ledger.ticks)  # stays, unclaimed; evicted least recently used first
+                unpoint = ledger.unpoint(holding, part)
+            elif not holding.claims:
+                last = True  # first: an interrupt before the state changes still ends the holding below
+                ledger.begin(holding, State.OFFLOADING)
+            else:
+                unpoint = ledger.unpoint(holding, part)
+                if holding.part is part:
+                    successor = holding.claims[-1]  # the latest claim still live decides the patches
+                    holding.part = successor
+                    if holding.forced_off or part.same_weights(successor):
+                        successor = None
+                    else:
+                        ledger.begin(holding, State.LOADING)
+    finally:
+        if last:
+            end_holding(ledger, holding, join=False)
+    if last:
+        return True
+    try:
+        if unpoint:
+            part.restore()
+    finally:
+        if successor is not None:
+            swap_back(ledger, holding, successor)
+    return successor is not None
