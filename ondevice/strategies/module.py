@@ -499,11 +499,13 @@ class ModulePart(Part):
     def offload(self) -> None:
         from ondevice.strategies.streaming import unstream  # noqa: PLC0415  (it imports this module)
 
-        unstream(self.module)
+        streamed = unstream(self.module)  # the resident units back on their masters
         self.last_pinned, self.last_stream, self.last_fallback = False, None, None
         pointed = point_back(self.module) if self._plain_to() else None
         if pointed is None:
-            self._move_all(CPU)
+            self._move_all(CPU)  # after unstream: copies only what was modified on the device
+            if streamed:
+                self.last_move = "zero-copy"
         else:
             self.last_move, self.copied_bytes = "zero-copy", pointed.copied
 

@@ -2,14 +2,13 @@
 
 :func:`stream` puts the module's *units* (each submodule that owns parameters or
 buffers directly), in registration order, on the device while they fit the
-budget (one :func:`~ondevice.strategies.module.stage`, the other units' tensors
-skipped; the root module's own tensors, if it has any, always), and gives
-every other unit a forward pre-hook that stages its own tensors just before
-its ``forward`` and a forward hook that points them back at their CPU
-masters right after it (zero-copy: nothing is copied back). So
+budget (:func:`~ondevice.strategies.module.stage` per unit, each with its own
+masters), and gives every other unit a forward pre-hook that stages its own
+tensors just before its ``forward`` and a forward hook that points them back
+at their CPU masters right after it (zero-copy: nothing is copied back). So
 the device holds the budget plus one streamed unit at a time (the largest is
-the working set). :func:`unstream` removes the hooks; the caller then offloads
-the resident units as usual (:func:`~ondevice.strategies.module.point_back`).
+the working set). :func:`unstream` removes the hooks and points the resident
+units back at their masters.
 
 Limits, as for accelerate's CPU offload: a unit's weights are on the device
 only inside its own ``forward``, so code that reads a streamed unit's tensors
@@ -48,6 +47,7 @@ class Streaming:
     streamed: tuple[str, ...]
     working_set: int  # bytes of the largest streamed unit: what a forward adds beside the resident part
     staging: Staging
+    resident: tuple[torch.nn.Module, ...] = ()
 
 
 _lock = threading.Lock()
@@ -76,30 +76,35 @@ def stream(module: torch.nn.Module, device: torch.device, budget: int) -> Stream
 
     On failure nothing stays on the device and no hook stays on the module.
     """
-    resident, streamed, used = [], [], 0
+    resident: list[torch.nn.Module] = []
+    streamed: list[tuple[str, torch.nn.Module, int]] = []
+    used = 0
     for name, unit, size in _units(module):
-        if not name or used + size <= budget:  # the root's own tensors stay resident: its forward holds the rest
-            resident.append(name)
+        if used + size <= budget:
+            resident.append(unit)
             used += size
         else:
             streamed.append((name, unit, size))
-    prefixes = tuple(f"{name}." if name else "" for name, _, _ in streamed)
-    own = {name: {n for n, _ in (*unit.named_parameters(recurse=False), *unit.named_buffers(recurse=False))}
-           for name, unit, _ in streamed}  # fmt: skip
-    skip = frozenset(f"{prefix}{n}" for (name, _, _), prefix in zip(streamed, prefixes, strict=True) for n in own[name])
     handles: list[RemovableHandle] = []
+    copied, pinned, side = 0, True, None
+    staged: list[torch.nn.Module] = []
     try:
-        staging = stage(module, device, skip=skip)
+        for unit in resident:  # each unit its own masters: a streamed parent never points a resident child back
+            staging = stage(unit, device, skip=_children_tensors(unit))
+            staged.append(unit)
+            copied, pinned, side = copied + staging.copied, pinned and staging.pinned, side or staging.stream
         for _, unit, _ in streamed:
             handles.append(unit.register_forward_pre_hook(_stream_in(device)))
             handles.append(unit.register_forward_hook(_stream_out))
     except BaseException:
         for handle in handles:
             handle.remove()
-        point_back(module)
+        for unit in staged:
+            point_back(unit)
         raise
     working_set = max((size for _, _, size in streamed), default=0)
-    result = Streaming(device, used, tuple(name for name, _, _ in streamed), working_set, staging)
+    summary = Staging(copied=copied, pinned=pinned and bool(resident), stream=side)
+    result = Streaming(device, used, tuple(name for name, _, _ in streamed), working_set, summary, tuple(resident))
     with _lock:
         _hooks[module] = (result, handles)
     return result
@@ -113,13 +118,16 @@ def streaming(module: torch.nn.Module) -> Streaming | None:
 
 
 def unstream(module: torch.nn.Module) -> bool:
-    """Remove the hooks :func:`stream` put on ``module``'s units (their weights are on the CPU between forwards)."""
+    """Remove the hooks :func:`stream` put on ``module``'s units and point the resident units back at their masters
+    (zero-copy; a tensor modified on the device stays there, for the caller's offload to copy back)."""
     with _lock:
         found = _hooks.pop(module, None)
     if found is None:
         return False
     for handle in found[1]:
         handle.remove()
+    for unit in found[0].resident:
+        point_back(unit, copy_others=False)
     return True
 
 

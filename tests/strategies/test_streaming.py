@@ -90,6 +90,22 @@ def test_an_error_in_a_streamed_forward_still_offloads_everything(fake_gpu: Fake
     assert hooks(model) == 0
 
 
+def test_a_single_layer_module_larger_than_its_budget_streams_itself(fake_gpu: FakeGPU) -> None:
+    """One Linear over its budget: nothing resident, its own forward streams it in and out; the budget holds."""
+    model = torch.nn.Linear(256, 256)
+    x = torch.randn(2, 256)
+    with torch.inference_mode():
+        want = model(x)
+    fake_gpu.reset_peak_memory_stats()
+    with on_gpu(model, budget=LAYER // 2) as scope, torch.inference_mode():
+        assert fake_gpu.memory_allocated() == 0
+        got = model(x.to(scope.device)).cpu()
+        assert fake_gpu.memory_allocated() == 0
+    assert torch.equal(got, want)
+    assert fake_gpu.max_memory_allocated() <= LAYER + 2 * 2 * 256 * 4
+    assert fake_gpu.memory_allocated() == 0 and hooks(model) == 0
+
+
 def test_budget_on_a_module_whose_class_overrides_to_is_refused(fake_gpu: FakeGPU) -> None:
     """A module class with its own ``to`` moves only whole: a budget it does not fit raises, naming the part."""
 
