@@ -337,10 +337,12 @@ class _Entry:
             raise WouldBlock  # a prefetch moves weights
         # the baseline is read under the table's lock right before the first claim: no move starts in between
         before = self._take_baseline if recording else None
+        keep_later = ahead is not None and self._options.keep  # kept only once the whole entry succeeded
         if self._options is _NO_OPTIONS and block:
             self._claims = table.acquire(parts, device, before=before, owner=owner)
         else:
             options = self._options._asdict()
+            options["keep"] = options["keep"] and not keep_later
             self._claims = table.acquire(parts, device, before=before, owner=owner, block=block, abort=abort, **options)
         if ahead is None:
             return ScopeHandle(device, self._components)
@@ -350,6 +352,8 @@ class _Entry:
             claims, self._claims = self._claims, None
             _release_beside(claims, exc)  # the with statement will not call __exit__: hold nothing
             raise
+        if keep_later:
+            table.mark_kept(self._claims)
         return ScopeHandle(device, self._components, Prefetch(device, self._ahead, started))
 
     def _undo(self, handle: ScopeHandle) -> None:

@@ -108,8 +108,8 @@ class MemoryPolicy:
         if memory is None:
             return True
         free, total = memory
-        if needed > total and not ask.unbudgeted_partial:
-            why = "more than the device's whole memory"
+        if needed + self._own_resident(ask) > total and not ask.unbudgeted_partial:
+            why = "more than the device's whole memory, beside what this scope holds there already"
             raise self._out_of_memory(ask, plan, needed, free, total, why=why)
         available = free - self.pending.get(ask.device, 0) + ask.reserved
         ahead = self._ahead(ask)
@@ -133,6 +133,17 @@ class MemoryPolicy:
             raise self._out_of_memory(ask, plan, needed, free, total, why=why)
         self._wait_for_room(ask, plan, needed, free, total)
         return False
+
+    def _own_resident(self, ask: Ask) -> int:
+        """Bytes of this acquire's parts that are on its device already: they stay beside what it loads."""
+        seen: set[int] = set()
+        total = 0
+        for part in ask.parts:
+            holding = self.ledger.held.get(id(part.key))
+            if holding is not None and holding.device == ask.device and id(holding) not in seen:
+                seen.add(id(holding))
+                total += holding.nbytes
+        return total
 
     def _make_room(self, ask: Ask, plan: list[Planned], shortfall: int, free: int) -> int | list[Holding] | None:
         """For the head of the queue: the bytes to have free that the reclaimers are asked for (once), or the

@@ -136,7 +136,7 @@ class ResidencyTable:
         claims = self._acquirer.claim_resident(parts, device, owner, before)
         if claims is not None:
             if keep:
-                self._mark_kept(claims)
+                self.mark_kept(claims)
             return claims
         ask = Ask(owner, parts, device, wait, timeout, budget, partial, block)
         ask.blocking, ask.abort = threading.get_ident() == owner.thread, abort
@@ -146,10 +146,11 @@ class ResidencyTable:
         plan = self._acquirer.reserve(ask, before)
         claims = self._acquirer.carry_out(plan, ask)
         if keep:
-            self._mark_kept(claims)
+            self.mark_kept(claims)
         return claims
 
-    def _mark_kept(self, claims: Sequence[Claim]) -> None:
+    def mark_kept(self, claims: Sequence[Claim]) -> None:
+        """Keep the weights of ``claims`` after their last release (as an acquire with ``keep=True`` does)."""
         with self._state:
             for claim in claims:
                 claim.holding.kept, claim.holding.used = True, next(self._ledger.ticks)
@@ -205,6 +206,8 @@ class ResidencyTable:
                 holding = self._prefetch_one(part, device)
                 if holding is not None:
                     made.append(holding)
+            with self._state:  # a scope may have taken a prefetched module meanwhile (to another device, say)
+                made = [h for h in made if self._ledger.held.get(id(h.key)) is h and h.prefetched]
             moves.verify(made, device)
         except BaseException:
             for holding in reversed(made):
@@ -291,7 +294,7 @@ class ResidencyTable:
 
     def _prefetch_one(self, part: Part, device: torch.device) -> Holding | None:
         ledger, memory = self._ledger, self._memory
-        measured = ledger.held.get(id(part.key)) is None and memory.memory(device) is not None
+        measured = memory.memory(device) is not None  # also where held now: a holding leaving may be gone below
         size = part.nbytes() if measured else 0  # outside the lock: a walk over its tensors
         with self._state:
             holding = ledger.settled_holding(part)
