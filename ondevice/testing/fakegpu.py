@@ -340,17 +340,16 @@ class _Ledger:
         grown = max(nbytes - counted, 0)  # an in-place op (resize_, out=) may have enlarged the storage
         if grown:
             self._check(staged, index, grown)
-            staged["device", index] = self._read(staged, ("device", index), 0) + grown
+            staged["device", index] = now = self._read(staged, ("device", index), 0) + grown
+            if now > self._peaks.get(index, 0):
+                self._peaks[index] = now  # a statistic, not the books: overstated at worst, by a charge interrupted
         staged["storage", key] = (index, counted + grown, tensors + 1)
         staged[token] = key
 
     def _apply(self, staged: _Books) -> None:
         self._books.update(staged)  # the one step that changes the books: a single C call
-        for key, value in list(staged.items()):
-            if value is None:
-                self._books.pop(key, None)  # None and absent mean the same; this keeps the dict small
-            elif isinstance(key, tuple) and key[0] == "device" and value > self._peaks.get(key[1], 0):
-                self._peaks[key[1]] = value  # lost under an interrupt at worst: a statistic, not the books
+        for key in [key for key, value in staged.items() if value is None]:
+            self._books.pop(key, None)  # None and absent mean the same; this keeps the dict small
 
 
 _ledger = _Ledger()
