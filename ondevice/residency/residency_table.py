@@ -208,7 +208,14 @@ class ResidencyTable:
                     made.append(holding)
             with self._state:  # a scope may have taken a prefetched module meanwhile (to another device, say)
                 made = [h for h in made if self._ledger.held.get(id(h.key)) is h and h.prefetched]
-            moves.verify(made, device)
+            missing = [h for h in made if not h.forced_off and not h.part.is_on(h.device)]
+            with self._state:  # only what is still this prefetch's, and not in motion, counts as not loaded
+                missing = [
+                    h
+                    for h in missing
+                    if self._ledger.held.get(id(h.key)) is h and h.prefetched and h.state is State.RESIDENT
+                ]
+            moves.verify(missing, device)
         except BaseException:
             for holding in reversed(made):
                 try:
