@@ -338,12 +338,14 @@ class _Entry:
         # the baseline is read under the table's lock right before the first claim: no move starts in between
         before = self._take_baseline if recording else None
         keep_later = ahead is not None and self._options.keep  # kept only once the whole entry succeeded
-        if self._options is _NO_OPTIONS and block:
+        if self._options is _NO_OPTIONS and block and ahead is None:
             self._claims = table.acquire(parts, device, before=before, owner=owner)
         else:
             options = self._options._asdict()
             options["keep"] = options["keep"] and not keep_later
-            self._claims = table.acquire(parts, device, before=before, owner=owner, block=block, abort=abort, **options)
+            self._claims = table.acquire(
+                parts, device, before=before, owner=owner, block=block, abort=abort, ahead=ahead or (), **options
+            )
         if ahead is None:
             return ScopeHandle(device, self._components)
         try:

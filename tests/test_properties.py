@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import pytest
 import torch
@@ -39,13 +39,14 @@ from hypothesis import strategies as st
 
 import ondevice
 from ondevice import OutOfDeviceMemory, ResidencyConflictError, on_gpu
-from ondevice.residency import Claim, Holding, State, table
+from ondevice.residency import Claim, Holding, State, moves, table
 from ondevice.strategies.module import ModulePart
 from ondevice.testing import FakeGPU, fake_gpu
 
 CPU = torch.device("cpu")
 UNIT = 64 * 64 * 4  # bytes of a Linear(64, 64) without bias
-SIZES = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 1}  # in units; "d" is two Linear(64, 64) (it streams layer by layer)
+UNITS = {"a": (1,), "b": (1,), "c": (2,), "d": (1, 1), "e": (1,)}  # each submodule that owns weights, in units
+SIZES = {name: sum(units) for name, units in UNITS.items()}  # "d" is two Linear(64, 64): it streams layer by layer
 NAMES = tuple(SIZES)
 CAPACITY = 3 * UNIT + UNIT // 2  # per device: three units of modules, and room for the forwards' activations
 ACTIVATIONS = UNIT // 2
@@ -251,6 +252,16 @@ class Boom(Exception):  # noqa: N818  (the programs read "raise Boom")
 
 
 EXPECTED = (OutOfDeviceMemory, ResidencyConflictError)  # the errors a step may meet (when: the model, or the rules)
+
+
+def resident_within(name: str, budget: int) -> int:
+    """Bytes of module ``name`` the streamed path leaves on the device within ``budget``: its units in order, each
+    that still fits (the table counts a holding loaded within a budget by these, not by the budget)."""
+    used = 0
+    for size in (units * UNIT for units in UNITS[name]):
+        if used + size <= budget:
+            used += size
+    return used
 
 
 def build(name: str) -> torch.nn.Module:
@@ -505,6 +516,14 @@ class Slot:
 ON_CPU = Slot()
 
 
+class Plan(NamedTuple):
+    """What a step must do: the error it raises (None: none), the slots after it, the bytes then on the device."""
+
+    error: type[Exception] | None
+    slots: dict[str, Slot]
+    taken: int = 0
+
+
 class Model(Interpreter):
     """Runs a serial program and checks each step against what the table must do (see the module docstring)."""
 
@@ -519,11 +538,11 @@ class Model(Interpreter):
 
     def plan_acquire(
         self, names: tuple[str, ...], device: int, *, budget: int | None = None, keep: bool = False
-    ) -> tuple[type[Exception] | None, dict[str, Slot]]:
-        """The error an acquire of ``names`` on ``device`` must raise (None: it succeeds), and the slots after it."""
+    ) -> Plan:
+        """What an acquire of ``names`` on ``device`` must do."""
         before, slots = self.slots, dict(self.slots)
         if any(slots[n].claims and slots[n].device != device for n in names):
-            return ResidencyConflictError, slots  # claimed by a live scope on the other device: nothing moves
+            return Plan(ResidencyConflictError, slots)  # claimed by a live scope on the other device: nothing moves
         away = [n for n in names if slots[n].device not in (None, device)]
         for name in away:  # kept or prefetched on the other device: taken off first
             slots[name] = ON_CPU
@@ -534,11 +553,11 @@ class Model(Interpreter):
             left = None if left is None else left - counted[name]
         needed = sum(counted.values())
         if needed > CAPACITY:
-            return OutOfDeviceMemory, slots
+            return Plan(OutOfDeviceMemory, slots)
         free = CAPACITY - self.allocated(device)
         evicted = self.victims(slots, names, device, needed - free)
         if evicted is None:
-            return OutOfDeviceMemory, slots  # it does not fit; a wait on one thread could never end: it raises
+            return Plan(OutOfDeviceMemory, slots)  # it does not fit; a wait on one thread could never end: it raises
         for name in evicted:
             slots[name] = ON_CPU
         if evicted:
@@ -547,12 +566,14 @@ class Model(Interpreter):
             was = before[name]
             slot = replace(was, device=device, claims=was.claims + 1, kept=was.kept or keep, prefetched=None)
             if name in counted:
-                size = SIZES[name] * UNIT
-                slot = replace(slot, nbytes=counted[name], partial=counted[name] < size)
-                if slot.partial:
+                partial = counted[name] < SIZES[name] * UNIT
+                slot = replace(slot, nbytes=resident_within(name, counted[name]) if partial else counted[name])
+                slot = replace(slot, partial=partial)
+                if partial:
                     event("loaded within a budget")
             slots[name] = slot
-        return None, slots
+        taken = self.allocated(device) - sum(on_device(self.rig.modules[n], gpu(device)) for n in evicted) + needed
+        return Plan(None, slots, taken)
 
     def victims(self, slots: dict[str, Slot], names: tuple[str, ...], device: int, shortfall: int) -> list[str] | None:
         """Kept and prefetched modules no scope holds, least recently used first, until ``shortfall`` bytes are free
@@ -571,30 +592,24 @@ class Model(Interpreter):
                 break
             picked.append(name)
             freed += slots[name].nbytes
-        if freed < shortfall:
-            return None
-        resident = sum(on_device(self.rig.modules[n], gpu(device)) for n in picked)
-        if resident < freed:  # a streamed victim frees less than the table counts: it makes room again
-            more = self.victims({**slots, **dict.fromkeys(picked, ON_CPU)}, names, device, shortfall - resident)
-            return None if more is None else picked + more
-        return picked
+        return None if freed < shortfall else picked
 
     def plan_prefetch(
-        self, slots: dict[str, Slot], names: tuple[str, ...], device: int, handle: int
-    ) -> tuple[type[Exception] | None, dict[str, Slot]]:
-        """What a prefetch must do: start what is on the CPU and fits, never evicting; where a module is held on the
-        other device, raise and start nothing."""
+        self, slots: dict[str, Slot], names: tuple[str, ...], device: int, handle: int, taken: int
+    ) -> Plan:
+        """What a prefetch must do, with ``taken`` bytes in use on the device: start what is on the CPU and fits there
+        (never evicting); where a module is held on the other device, raise and start nothing."""
         after = dict(slots)
         for name in names:
             if after[name].device is not None:
                 if after[name].device != device:
-                    return ResidencyConflictError, slots
+                    return Plan(ResidencyConflictError, slots)
                 continue
             size = SIZES[name] * UNIT
-            taken = sum(s.nbytes for s in after.values() if s.device == device)  # nothing streamed: whole modules
             if size <= CAPACITY - taken:
                 after[name] = Slot(device, prefetched=handle, nbytes=size)
-        return None, after
+                taken += size
+        return Plan(None, after, taken)
 
     # ---- checks
 
@@ -645,10 +660,10 @@ class Model(Interpreter):
     # ---- scopes
 
     def before(self, step: Scope) -> Entry:
-        error, after = self.plan_acquire(step.names, step.device, budget=step.budget, keep=step.keep)
-        if error is None and step.prefetch:
-            error, after = self.plan_prefetch(after, step.prefetch, step.device, len(self.rig.handles))
-        return Entry(step, time.monotonic(), error, dict(self.slots), after)
+        plan = self.plan_acquire(step.names, step.device, budget=step.budget, keep=step.keep)
+        if plan.error is None and step.prefetch:  # no budget with it: the modules loaded whole take what they count
+            plan = self.plan_prefetch(plan.slots, step.prefetch, step.device, len(self.rig.handles), plan.taken)
+        return Entry(step, time.monotonic(), plan.error, dict(self.slots), plan.slots)
 
     def entered(self, entry: Entry, handle: ondevice.ScopeHandle) -> None:
         self.outcome(entry.error, None, entry.started)
@@ -674,7 +689,7 @@ class Model(Interpreter):
 
     def keep(self, step: Keep) -> None:
         before = dict(self.slots)
-        error, after = self.plan_acquire(step.names, step.device, keep=True)
+        error, after, _ = self.plan_acquire(step.names, step.device, keep=True)
         started = time.monotonic()
         try:
             ondevice.keep(*self.rig.components(step.names), device=gpu(step.device))
@@ -694,7 +709,8 @@ class Model(Interpreter):
 
     def prefetch(self, step: Prefetch) -> None:
         before = dict(self.slots)
-        error, after = self.plan_prefetch(before, step.names, step.device, len(self.rig.handles))
+        taken = self.allocated(step.device)
+        error, after, _ = self.plan_prefetch(before, step.names, step.device, len(self.rig.handles), taken)
         started = time.monotonic()
         try:
             handle = ondevice.prefetch(*self.rig.components(step.names), device=gpu(step.device))
@@ -1051,3 +1067,78 @@ def test_a_budget_smaller_than_a_single_layer_module_is_kept() -> None:
         assert all(on_device(h.key, gpu(0)) <= h.nbytes for h in table.held())  # type: ignore[arg-type]
     with two_small_gpus(), on_gpu(a, b, c, device=gpu(0), budget=UNIT):
         pass
+
+
+def test_a_prefetch_survives_a_scope_taking_its_module_while_it_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefetch(b, a, device=1) while another thread's scope moves b to device 0 between the prefetch's look at what
+    it still holds and its check that those are on the device: the prefetch returns (it raised OnDeviceError)."""
+    a, b = build("a"), build("b")
+    check = moves.verify
+    taken: list[bool] = []
+
+    def another_thread_acts_first(holdings: list[Holding], device: torch.device) -> None:
+        if not taken and not table._state._is_owned():  # outside the table's lock another thread may move b now
+            taken.append(True)
+            with on_gpu(b, device=gpu(0)):
+                pass
+        check(holdings, device)
+
+    monkeypatch.setattr(moves, "verify", another_thread_acts_first)
+    with two_small_gpus():
+        ondevice.prefetch(b, a, device=gpu(1)).cancel()
+        assert _where(a) == _where(b) == {CPU}
+
+
+def test_a_wait_only_its_own_kept_part_could_end_raises_at_once() -> None:
+    """keep(c); with on_gpu(a): on_gpu(e, c, wait=True): e fits only if c goes, which this scope itself asks for, and
+    a is this thread's: the wait could never end, so it raises at once (it counted c as evictable and waited)."""
+    a, c, e = build("a"), build("c"), build("e")
+    with two_small_gpus():
+        ondevice.keep(c, device=gpu(0))
+        started = time.monotonic()
+        with (
+            on_gpu(a, device=gpu(0)),
+            pytest.raises(OutOfDeviceMemory) as info,
+            on_gpu(e, c, device=gpu(0), wait=True, timeout=2),
+        ):
+            pytest.fail("the block must not run")
+        assert "within timeout" not in str(info.value) and time.monotonic() - started < 1
+        assert _where(e) == {CPU} and _where(c) == {gpu(0)}
+
+
+def test_a_refused_entry_leaves_a_kept_module_on_its_device() -> None:
+    """keep(a, b) on device 0, then on_gpu(a, device=1, prefetch=b), refused since b is held on device 0: a is left
+    kept where it was, or offloaded, not moved to device 1 and kept there by a scope that never ran."""
+    a, b = build("a"), build("b")
+    with two_small_gpus():
+        ondevice.keep(a, b, device=gpu(0))
+        with pytest.raises(ResidencyConflictError), on_gpu(a, device=gpu(1), prefetch=b):
+            pytest.fail("the block must not run")
+        assert _where(a) in ({gpu(0)}, {CPU})
+        ondevice.release(a, b)
+
+
+def test_a_refused_scope_evicts_nothing_it_could_not_use() -> None:
+    """c kept within a budget of one unit (streamed: nothing of it resident), a and b held: on_gpu(d) does not fit even
+    with c gone, so it raises and c stays kept (the table counted c's budget as memory eviction would free)."""
+    a, b, c, d = build("a"), build("b"), build("c"), build("d")
+    with two_small_gpus():
+        with on_gpu(c, device=gpu(0), keep=True, budget=UNIT):
+            pass
+        with on_gpu(a, b, device=gpu(0)), pytest.raises(OutOfDeviceMemory), on_gpu(d, device=gpu(0)):
+            pytest.fail("the block must not run")
+        assert [h.key for h in table.held()] == [c]
+        ondevice.release(c)
+
+
+def test_a_module_streamed_within_a_budget_takes_only_what_it_holds() -> None:
+    """c kept within a budget of one unit (one layer of two units: nothing of it resident), then on_gpu(a, c, d): a and
+    d fit beside it, so the scope enters (it raised "more than the device's whole memory", counting c's budget)."""
+    a, c, d = build("a"), build("c"), build("d")
+    with two_small_gpus() as rig:
+        with on_gpu(c, device=gpu(0), keep=True, budget=UNIT):
+            pass
+        assert rig.gpu.memory_allocated(0) == 0
+        with on_gpu(a, c, d, device=gpu(0)):
+            assert _where(a) == _where(d) == {gpu(0)}
+        ondevice.release(c)

@@ -31,7 +31,7 @@ from ondevice.residency.holdings import Claim, Holding, Ledger, State, only
 from ondevice.residency.memory import MemoryPolicy
 from ondevice.residency.owners import Owner
 from ondevice.residency.patches import PatchWaits, Wait
-from ondevice.residency.plans import Ask, Planned, Step, WouldBlock, check_abort, fit_within
+from ondevice.residency.plans import Ask, Planned, Step, WouldBlock, check_abort, fit_within, prefetch_conflict
 from ondevice.residency.release import release_all
 from ondevice.strategies import Part
 
@@ -145,6 +145,7 @@ class Acquirer:
                 check_abort(ask)
                 self.ledger.wait_for_move(*moving)
                 continue
+            self._check_ahead(ask)
             away = self._held_elsewhere(ask)
             if away:
                 if not ask.block:
@@ -170,6 +171,20 @@ class Acquirer:
             if holding is not None and holding.state is not State.RESIDENT:
                 return holding, part
         return None
+
+    def _check_ahead(self, ask: Ask) -> None:
+        """Raise where the prefetch that follows ``ask`` would (its weights held on another device), before anything
+        moves: a scope refused there must not have moved its own parts (kept ones off their device, say)."""
+        asked = {id(part.key) for part in ask.parts}
+        for part in ask.ahead:
+            holding = self.ledger.held.get(id(part.key))
+            if (
+                holding is not None
+                and holding.device != ask.device
+                and holding.state is not State.OFFLOADING
+                and id(part.key) not in asked
+            ):
+                raise prefetch_conflict(part, holding.device, ask.device)
 
     def _held_elsewhere(self, ask: Ask) -> list[Holding]:
         """Unclaimed holdings of ``ask``'s weights on other devices (to move); raise for claimed ones."""
@@ -298,6 +313,7 @@ class Acquirer:
         """Run the move a recorded claim needs (outside the lock), its event to deliver; on failure drop the claim."""
         (holding, part), step, device = entry.claim, entry.step, entry.claim.holding.device
         event, load, done = None, step is not Step.ADOPT or not holding.part.same_weights(part), False
+        resident: int | None = None
         if entry.partial:
             move = functools.partial(part.load_partial, device, entry.budget)
         else:
@@ -309,6 +325,7 @@ class Acquirer:
                     holding.part.join()  # the current stream waits for the prefetch's copies
                 if load:
                     event = moves.run(part, device, move)
+                resident = part.resident_nbytes(device) if entry.partial and load else None
                 done = True
             finally:
                 if not done:
@@ -317,6 +334,8 @@ class Acquirer:
             if done:
                 with self.ledger.state_lock:
                     self.memory.pend(device, -entry.counted)
+                    if resident is not None:  # counted as what it may take; it holds what it left there
+                        holding.nbytes = resident
                     if load:
                         holding.part, holding.forced_off = part, False
                     holding.pointed.append(part)

@@ -3,7 +3,8 @@
 On devices whose free and total memory :func:`ondevice.devices.memory_info`
 reports (the CPU has no policy), an acquire adds up ``part.nbytes()`` of the
 parts not on the device yet (with ``budget=``, at most what is left of the
-budget; a part over it is loaded with ``part.load_partial(device, left)``), and
+budget; a part over it is loaded with ``part.load_partial(device, left)``, and
+once loaded counts what it left there, ``part.resident_nbytes(device)``), and
 compares it with the free memory less what loads in flight will still take:
 
 - it fits: the claims are recorded at once (and that memory counted as taken
@@ -286,15 +287,17 @@ class MemoryPolicy:
         held = self.ledger.held
         if wait.device not in room:
             memory = self.memory(wait.device)
-            free = memory[0] if memory is not None else 0
-            evicted = sum(h.nbytes for h in held.values() if h.device == wait.device and evictable(h))
-            room[wait.device] = free - self.pending.get(wait.device, 0) + evicted
+            room[wait.device] = (memory[0] if memory is not None else 0) - self.pending.get(wait.device, 0)
+        asked = {id(part.key) for part in wait.parts}  # its own kept parts stay: they are what it asks for
+        evicted = sum(
+            h.nbytes for h in held.values() if h.device == wait.device and evictable(h) and id(h.key) not in asked
+        )
         releasable = sum(
             h.nbytes
             for h in held.values()
             if h.device == wait.device and h.claims and all(o in going and o != owner for o in h.owners)
         )
-        return wait.needed <= room[wait.device] + wait.reserved + releasable
+        return wait.needed <= room[wait.device] + evicted + wait.reserved + releasable
 
     def _out_of_memory(  # noqa: PLR0913  (the numbers the error states)
         self, ask: Ask, plan: list[Planned], needed: int, free: int, total: int | None, *, why: str

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ondevice.errors import OnDeviceError
+from ondevice.errors import OnDeviceError, ResidencyConflictError
 from ondevice.residency.holdings import Claim, Holding
 from ondevice.residency.owners import Owner
 from ondevice.strategies import Part
 
-__all__ = ["AbortedError", "Ask", "Planned", "Step", "WouldBlock", "check_abort", "fit_within"]
+__all__ = ["AbortedError", "Ask", "Planned", "Step", "WouldBlock", "check_abort", "fit_within", "prefetch_conflict"]
 
 
 class WouldBlock(Exception):  # noqa: N818  (a signal between ondevice's modules, never raised to users)
@@ -53,10 +53,20 @@ class Ask:
     settling: list[tuple[Holding, int]] | None = None  # wait=False: moves in flight it lets end before deciding
     kept: set[int] = field(default_factory=set)  # id(key) of kept weights it took off another device: kept here
     reclaimed: bool = False  # the reclaimers were asked for room (once per acquire)
+    ahead: list[Part] = field(default_factory=list)  # what the scope prefetches once it holds its parts
 
     @property
     def unbudgeted_partial(self) -> bool:
         return self.partial and self.budget is None
+
+
+def prefetch_conflict(part: Part, held_on: torch.device, device: torch.device) -> ResidencyConflictError:
+    """The error for a prefetch of ``part`` on ``device`` whose weights are held on ``held_on``."""
+    msg = (
+        f"prefetch of {part!r} on {device}: its weights are held on {held_on}; "
+        f"prefetch with device={str(held_on)!r} or exit the scope that holds them first"
+    )
+    return ResidencyConflictError(msg)
 
 
 def check_abort(ask: Ask) -> None:

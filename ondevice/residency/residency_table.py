@@ -29,14 +29,13 @@ from contextlib import contextmanager
 import torch
 
 from ondevice.devices import CPU
-from ondevice.errors import ResidencyConflictError
 from ondevice.residency import moves
 from ondevice.residency.acquire import Acquirer
 from ondevice.residency.holdings import Claim, Holding, Ledger, State
 from ondevice.residency.memory import MemoryPolicy
 from ondevice.residency.owners import Owner
 from ondevice.residency.patches import PatchWaits
-from ondevice.residency.plans import Ask
+from ondevice.residency.plans import Ask, prefetch_conflict
 from ondevice.residency.release import release_all
 from ondevice.strategies import Part, as_part
 
@@ -117,6 +116,7 @@ class ResidencyTable:
         keep: bool = False,
         block: bool = True,
         abort: threading.Event | None = None,
+        ahead: Sequence[Part] = (),
     ) -> list[Claim]:
         """Hold every part on ``device``, loading those not yet there; all or nothing, atomically.
 
@@ -130,6 +130,8 @@ class ResidencyTable:
         ``keep`` marks the weights kept once they are loaded; ``block=False`` raises
         :class:`WouldBlock`, holding nothing, instead of waiting or moving anything;
         setting ``abort`` (then :meth:`wake`) makes a waiting acquire raise :class:`AbortedError`.
+        ``ahead``: what the caller will :meth:`prefetch` on ``device`` once it holds ``parts``; where any of it is
+        held on another device the acquire raises :class:`ResidencyConflictError` before anything moves.
         """
         owner = owner or Owner.current()
         parts = [as_part(part) for part in parts]
@@ -138,7 +140,7 @@ class ResidencyTable:
             if keep:
                 self.mark_kept(claims)
             return claims
-        ask = Ask(owner, parts, device, wait, timeout, budget, partial, block)
+        ask = Ask(owner, parts, device, wait, timeout, budget, partial, block, ahead=[as_part(p) for p in ahead])
         ask.blocking, ask.abort = threading.get_ident() == owner.thread, abort
         ask.warn_s, ask.poll_s = self.wait_warning_s, self.room_poll_s
         if timeout is not None and math.isfinite(timeout):
@@ -307,11 +309,7 @@ class ResidencyTable:
             holding = ledger.settled_holding(part)
             if holding is not None:
                 if holding.device != device:
-                    msg = (
-                        f"prefetch of {part!r} on {device}: its weights are held on {holding.device}; "
-                        f"prefetch with device={str(holding.device)!r} or exit the scope that holds them first"
-                    )
-                    raise ResidencyConflictError(msg)
+                    raise prefetch_conflict(part, holding.device, device)
                 return None  # held already: nothing to start
             if not memory.prefetch_fits(part, device, size, measured=measured):
                 return None

@@ -153,6 +153,19 @@ class Part:
                 total += tensor.numel() * tensor.element_size()
         return total
 
+    def resident_nbytes(self, device: torch.device) -> int:
+        """Bytes of the weights on ``device`` now (tied tensors once); after :meth:`load_partial`, what it left there.
+
+        The residency table counts a partly loaded holding by it; default: from :meth:`tensors`.
+        """
+        seen: set[int] = set()
+        total = 0
+        for tensor in self.tensors():
+            if tensor.device == device and (tensor.data_ptr() or id(tensor)) not in seen:
+                seen.add(tensor.data_ptr() or id(tensor))
+                total += tensor.numel() * tensor.element_size()
+        return total
+
     def load_partial(self, device: torch.device, budget: int | None) -> None:
         """Put at most ``budget`` bytes of the weights on ``device`` (None: as much as fits), the rest streamed
         per use; default: refuses (``InvalidArgumentError``), for parts that can only be loaded whole."""
@@ -231,6 +244,10 @@ class _Adapted(Part):
     def nbytes(self) -> int:
         nbytes = getattr(self.wrapped, "nbytes", None)
         return int(nbytes()) if callable(nbytes) else super().nbytes()
+
+    def resident_nbytes(self, device: torch.device) -> int:
+        resident = getattr(self.wrapped, "resident_nbytes", None)
+        return int(resident(device)) if callable(resident) else super().resident_nbytes(device)
 
     def load_partial(self, device: torch.device, budget: int | None) -> None:
         load_partial = getattr(self.wrapped, "load_partial", None)

@@ -356,6 +356,10 @@ class PatcherPart(Part):
         storages a dynamic-VRAM load may have replaced)."""
         return int(self.patcher.model_size())
 
+    def resident_nbytes(self, device: torch.device) -> int:
+        """ComfyUI's own count of what it loaded, ``loaded_size()`` (a low-VRAM load's cast layers stay on the CPU)."""
+        return int(self.patcher.loaded_size()) if self.is_on(device) else 0
+
     def is_on(self, device: torch.device) -> bool:
         pending = _prefetched.get(self.patcher.model)
         if pending is not None:  # copies in flight; ComfyUI's load (and its patches) follow at join()

@@ -79,6 +79,10 @@ class Sized(Stub):
         self.weights.where, self.weights.patches = device, self.patches
         self.weights.moves.append(f"load_partial {budget}")
 
+    def resident_nbytes(self, device: torch.device) -> int:
+        charged = self.mem.charged
+        return charged[1] if charged is not None and charged[0] is self.cards[device] else 0
+
     def offload(self) -> None:
         super().offload()
         if self.mem.charged is not None:
