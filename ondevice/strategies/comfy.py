@@ -75,7 +75,7 @@ from ondevice.devices import CPU
 from ondevice.errors import InvalidArgumentError, MissingWeightsError, OnDeviceError
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
-from ondevice.strategies import Part, register_strategy
+from ondevice.strategies import Part, clones, register_strategy
 from ondevice.strategies.module import all_on, join, module_tensors, point_back, stage
 
 __all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
@@ -343,6 +343,7 @@ class PatcherPart(Part):
         self.patcher = patcher
         self._retarget = [(patcher, "load_device"), *retarget]
         self._saved: list[tuple[object, str, Any]] | None = None
+        self._clones: clones.Watch | None = None  # the clones made while this part points the patcher
 
     @property
     def key(self) -> object:
@@ -585,14 +586,18 @@ class PatcherPart(Part):
             register_load_device(device)
         if self._saved is None:
             self._saved = [(obj, name, getattr(obj, name)) for obj, name in self._retarget]
+            self._clones = clones.watch(self.patcher, device, self.patcher.load_device)
         for obj, name in self._retarget:
             setattr(obj, name, device)
 
     def restore(self) -> None:
-        """Put back what :meth:`point_at` changed."""
+        """Put back what :meth:`point_at` changed, on the clones made meanwhile too (see :mod:`.clones`)."""
         saved, self._saved = self._saved, None
+        watching, self._clones = self._clones, None
         for obj, name, value in saved or ():
             setattr(obj, name, value)
+        if watching is not None:
+            clones.unwatch(self.patcher, watching)
 
     def __repr__(self) -> str:
         return f"PatcherPart({type(self.patcher.model).__name__})"
@@ -739,8 +744,10 @@ def _replace_everywhere(replacements: dict[int, tuple[Callable[..., Any], Callab
 def install_guard() -> None:
     """Make ComfyUI's own memory management respect live scopes, and serialize it with ondevice's moves.
 
-    Wraps ``comfy.model_management.free_memory`` and ``load_models_gpu``, the
-    one change ondevice makes to ComfyUI; importing ComfyUI's strategies (the
+    Wraps ``comfy.model_management.free_memory`` and ``load_models_gpu``, and
+    ``ModelPatcher.clone`` (:mod:`ondevice.strategies.clones`: clones made
+    inside a scope get the original ``load_device`` back at its end), the
+    changes ondevice makes to ComfyUI; importing ComfyUI's strategies (the
     first scope over a ComfyUI object) calls it.
 
     - ``free_memory`` (which ``load_models_gpu``, ``unload_all_models``,
@@ -778,10 +785,11 @@ def install_guard() -> None:
             guard.__ondevice_guard__ = True  # type: ignore[attr-defined]
         _replace_everywhere({id(originals[name]): (originals[name], guards[name]) for name in _GUARDED})
         _guards.update({id(guards[name]): (guards[name], originals[name]) for name in _GUARDED})
+        clones.install()
 
 
 def remove_guard() -> None:
-    """Undo :func:`install_guard`: ComfyUI's ``free_memory`` and ``load_models_gpu`` are its own again.
+    """Undo :func:`install_guard`: ComfyUI's ``free_memory``, ``load_models_gpu`` and ``clone`` are its own again.
 
     Every module attribute that holds a guard (``comfy.model_management``'s,
     and copies imported by name before or after the guard was installed) gets
@@ -793,6 +801,7 @@ def remove_guard() -> None:
     """
     with comfyui_lock:
         _replace_everywhere(dict(_guards))
+        clones.remove()
         _guards.clear()
 
 

@@ -361,6 +361,26 @@ def test_second_device_retargets_every_claim(fake_gpu_two: Any, sd15: ondevice.C
     assert where(sd15.vae) == {CPU}
 
 
+def test_clones_made_inside_a_scope_get_the_load_device_back(fake_gpu_two: Any, sd15: ondevice.Checkpoint) -> None:
+    """Clones made inside on_gpu(unet, device='fakegpu:1') (and clones of those) name fakegpu:1 there, so ComfyUI's
+    own load finds the weights in place; after the scope they name the original load_device again.  A clone made
+    before the scope, and one whose load_device was set meanwhile, are left as they are."""
+    unet, dev0, dev1 = sd15.model, torch.device("fakegpu:0"), torch.device("fakegpu:1")
+    original = unet.load_device
+    made_before = unet.clone()
+    with on_gpu(unet, device=dev1):
+        clone = unet.clone()
+        grandchild = clone.clone()
+        elsewhere = unet.clone()
+        elsewhere.load_device = dev0
+        assert clone.load_device == grandchild.load_device == dev1 and made_before.load_device == original
+        mm.load_models_gpu([grandchild])  # as a sampler would: the weights are there already
+        assert where(unet) == {dev1} and fake_gpu_two.memory_allocated(0) == 0
+    assert unet.load_device == clone.load_device == grandchild.load_device == made_before.load_device == original
+    assert elsewhere.load_device == dev0
+    assert where(unet) == {CPU} and fake_gpu_two.memory_allocated(1) == 0
+
+
 def test_failed_unload_still_ends_on_cpu(
     fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:

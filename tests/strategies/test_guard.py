@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import comfy.model_management as mm
+import comfy.model_patcher as mp
 import pytest
 import torch
 
@@ -29,12 +30,14 @@ def originals() -> Iterator[dict[str, Callable[..., Any]]]:
     """ComfyUI's own two functions; the guard is installed again after the test, whatever it did."""
     install_guard()
     found = {name: getattr(mm, name).__wrapped__ for name in ("free_memory", "load_models_gpu")}
+    clone = mp.ModelPatcher.clone.__wrapped__
     try:
-        yield found
+        yield {**found, "clone": clone}
     finally:
         remove_guard()
         for name, function in found.items():
             setattr(mm, name, function)
+        mp.ModelPatcher.clone = clone
         install_guard()
 
 
@@ -61,11 +64,13 @@ def test_remove_restores_exactly_the_originals(originals: dict[str, Callable[...
     remove_guard()
     assert mm.free_memory is originals["free_memory"]
     assert mm.load_models_gpu is originals["load_models_gpu"]
+    assert mp.ModelPatcher.clone is originals["clone"]
     remove_guard()
     assert mm.free_memory is originals["free_memory"]
     install_guard()
     assert is_guard(mm.free_memory) and mm.free_memory.__wrapped__ is originals["free_memory"]
     assert is_guard(mm.load_models_gpu) and mm.load_models_gpu.__wrapped__ is originals["load_models_gpu"]
+    assert is_guard(mp.ModelPatcher.clone) and mp.ModelPatcher.clone.__wrapped__ is originals["clone"]
 
 
 def test_copies_imported_by_name_are_guarded_and_restored(
