@@ -45,8 +45,6 @@ loop keeps running; a task cancelled while it waits holds nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -54,7 +52,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, Literal, NamedTuple, TypeVar, overload
@@ -64,8 +62,10 @@ import torch
 from ondevice import devices
 from ondevice.devices import CPU
 from ondevice.errors import InvalidArgumentError, InvalidDeviceError, NoStrategyError
+from ondevice.off_loop import off_loop
 from ondevice.residency import Claim, Holding, Owner, WouldBlock, table
 from ondevice.strategies import Part, has_strategy, parts_of, strategy_for
+from ondevice.wrapping import bind, check_decoratable, qualname, signature_of, wrap
 
 __all__ = [
     "RETAINED_WARNING_BYTES",
@@ -376,7 +376,7 @@ class _Entry:
             pass
         abort = threading.Event()
         enter = functools.partial(self._acquire, parts, ahead, owner, recording=recording, abort=abort)
-        return await _off_loop(enter, abort, self._undo)
+        return await off_loop(enter, abort, self._undo)
 
     async def __aexit__(
         self,
@@ -387,7 +387,7 @@ class _Entry:
         recording = _grad_recording()
         if not table.moves_on_release(self._claims or []):
             return self.__exit__(exc_type, exc, tb, recording)
-        return await _off_loop(functools.partial(self.__exit__, exc_type, exc, tb, recording))
+        return await off_loop(functools.partial(self.__exit__, exc_type, exc, tb, recording))
 
     def _take_baseline(self) -> None:
         self._baseline = _baseline(self._target)
@@ -424,83 +424,6 @@ class _Entry:
             now = None if table.holds_on(device) else _allocated(device)
         if now is not None and now - before > RETAINED_WARNING_BYTES:
             _warn_retained(now - before, device, self._site)
-
-
-R = TypeVar("R")
-
-
-async def _off_loop(
-    call: Callable[[], R], abort: threading.Event | None = None, undo: Callable[[R], None] | None = None
-) -> R:
-    """Run the blocking ``call`` on a thread of its own while the event loop keeps running; its result, or its error.
-
-    A thread of its own, not the loop's default executor: waiting acquires must never take every worker
-    that a release needs.  If the awaiting task is cancelled, ``abort`` is set (a waiting acquire gives
-    up) and, where ``call`` got through all the same, ``undo`` gives back what it got (on a thread); the
-    cancellation propagates once that is done, so a cancelled entry holds nothing.
-    """
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[R] = loop.create_future()  # call's result; cancelled with the awaiting task
-    finished: asyncio.Future[None] = loop.create_future()  # call is done, and any undo of it
-
-    def settle(result: R | None, error: BaseException | None) -> None:  # on the loop's thread
-        if not outcome.cancelled():
-            if error is not None:
-                outcome.set_exception(error)
-            else:
-                outcome.set_result(result)  # type: ignore[arg-type]
-            finished.set_result(None)
-        elif error is None and undo is not None:  # the task gave up before the result came: give it back
-            _on_thread(loop, functools.partial(undo, result), finished)  # type: ignore[arg-type]
-        else:
-            finished.set_result(None)
-
-    def run() -> None:
-        result: R | None = None
-        error: BaseException | None = None
-        try:
-            result = call()
-        except BaseException as exc:  # noqa: BLE001  (handed to the awaiting task)
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop is closed: nobody takes the result
-            if error is None and undo is not None:
-                undo(result)  # type: ignore[arg-type]
-
-    threading.Thread(target=run, name="ondevice-wait", daemon=True).start()
-    try:
-        return await outcome
-    except asyncio.CancelledError:
-        if abort is not None:
-            abort.set()
-            table.wake()
-        with contextlib.suppress(asyncio.CancelledError):  # cancelled again: what it got is still given back
-            await asyncio.shield(finished)
-        if outcome.done() and not outcome.cancelled() and outcome.exception() is None and undo is not None:
-            undone: asyncio.Future[None] = loop.create_future()  # it got through just before the cancellation
-            _on_thread(loop, functools.partial(undo, outcome.result()), undone)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(undone)
-        raise
-
-
-def _resolve(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
-
-
-def _on_thread(loop: asyncio.AbstractEventLoop, step: Callable[[], object], done: asyncio.Future[None]) -> None:
-    """Run ``step`` on a new thread; ``done`` gets its outcome (errors are logged: nobody awaits them)."""
-
-    def run() -> None:
-        try:
-            step()
-        except BaseException:  # noqa: BLE001  (a give-back nobody awaits: logged)
-            log.exception("ondevice: giving back what a cancelled entry acquired failed")
-        loop.call_soon_threadsafe(_resolve, done)
-
-    threading.Thread(target=run, name="ondevice-undo", daemon=True).start()
 
 
 class _Live(NamedTuple):
@@ -638,16 +561,16 @@ class on_gpu:  # noqa: N801  (a context manager named like a function, as contex
         raise InvalidArgumentError(msg)
 
     def __call__(self, func: F) -> F:
-        _check_decoratable(func, repr(self))
+        check_decoratable(func, repr(self))
         site = _definition_site(func)
-        signature = _signature(func)
+        signature = signature_of(func)
 
         def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
             if signature is not None:
-                _bind(func, signature, args, kwargs)  # a bad call raises before anything moves
+                bind(func, signature, args, kwargs)  # a bad call raises before anything moves
             return _Entry(self._components, self._device, site, self._ahead, self._options)
 
-        return _wrap(func, make_scope)
+        return wrap(func, make_scope)
 
     def __repr__(self) -> str:
         names = ", ".join(type(c).__name__ for c in self._components)
@@ -780,118 +703,8 @@ def _definition_site(func: Callable[..., Any]) -> _Site:
     code = getattr(inspect.unwrap(func), "__code__", None)
     module = str(getattr(func, "__module__", None) or "")
     if code is None:
-        return _Site(_qualname(func), 0, module)
+        return _Site(qualname(func), 0, module)
     return _Site(code.co_filename, code.co_firstlineno, module)
-
-
-# ---------------------------------------------------------------------- decorating
-
-
-def _qualname(func: object) -> str:
-    return str(getattr(func, "__qualname__", None) or type(func).__qualname__)
-
-
-def _check_decoratable(func: object, decorator: str, *, component_hint: bool = False) -> None:
-    if inspect.isclass(func):
-        msg = (
-            f"{decorator} on class {func.__qualname__}: decorate a function or a method "
-            "(for a ComfyUI node, the method its FUNCTION names), not a class"
-        )
-        raise InvalidArgumentError(msg)
-    if component_hint and has_strategy(func):
-        msg = (
-            f"{decorator} got a {type(func).__name__}, which is a component, not a function: to hold it on "
-            "the GPU use `with on_gpu(component):` or `@on_gpu(component)`"
-        )
-        raise InvalidArgumentError(msg)
-    if not callable(func):
-        msg = f"{decorator} decorates functions and methods; got {func!r}"
-        raise InvalidArgumentError(msg)
-
-
-def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
-    try:
-        return inspect.signature(func)
-    except (TypeError, ValueError):  # some builtins have none; the call itself checks its arguments
-        return None
-
-
-def _bind(
-    func: Callable[..., Any], signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> inspect.BoundArguments:
-    try:
-        return signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        msg = f"{_qualname(func)}(): {exc}"
-        raise TypeError(msg) from None
-
-
-def _wrap(func: F, make_scope: Callable[[tuple[Any, ...], dict[str, Any]], _Entry]) -> F:
-    """Wrap ``func`` so each call runs inside a fresh scope (sync, async, generator and async generator functions).
-
-    A generator or async generator function becomes a plain function: the call
-    binds the arguments (a bad call raises there) and returns the generator.
-    """
-    if inspect.isasyncgenfunction(func):
-
-        @functools.wraps(func)
-        def start_async_generator(*args: Any, **kwargs: Any) -> Any:
-            entry = make_scope(args, kwargs)
-            return _scoped_async_generator(entry, func(*args, **kwargs))
-
-        return start_async_generator  # type: ignore[return-value]
-    if inspect.iscoroutinefunction(func):
-
-        @functools.wraps(func)
-        async def run_async(*args: Any, **kwargs: Any) -> Any:  # stays `async def` for iscoroutinefunction
-            async with make_scope(args, kwargs):
-                return await func(*args, **kwargs)
-
-        return run_async  # type: ignore[return-value]
-    if inspect.isgeneratorfunction(func):
-
-        @functools.wraps(func)
-        def start_generator(*args: Any, **kwargs: Any) -> Any:
-            entry = make_scope(args, kwargs)
-            return _scoped_generator(entry, func(*args, **kwargs))
-
-        return start_generator  # type: ignore[return-value]
-
-    @functools.wraps(func)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with make_scope(args, kwargs):
-            return func(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
-
-
-def _scoped_generator(entry: _Entry, generator: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
-    with entry:
-        return (yield from generator)
-
-
-async def _scoped_async_generator(entry: _Entry, agen: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, Any]:
-    """Run ``agen`` inside ``entry``, forwarding asend / athrow / aclose as ``yield from`` does (PEP 380)."""
-    async with entry:
-        try:
-            item = await agen.__anext__()
-        except StopAsyncIteration:
-            return
-        while True:
-            step: Awaitable[Any]
-            try:
-                sent = yield item
-            except GeneratorExit:
-                await agen.aclose()  # the body's finally runs before the weights leave the device
-                raise
-            except BaseException as exc:  # noqa: BLE001  (forwarded into the body, which may handle it)
-                step = agen.athrow(exc)
-            else:
-                step = agen.asend(sent)
-            try:
-                item = await step
-            except StopAsyncIteration:
-                return
 
 
 @overload
@@ -945,7 +758,7 @@ def gpu_scoped(  # noqa: PLR0913  (on_gpu's keywords)
 
 
 def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike, options: _Options) -> F:
-    _check_decoratable(func, f"gpu_scoped{names!r}" if names else "gpu_scoped", component_hint=True)
+    check_decoratable(func, f"gpu_scoped{names!r}" if names else "gpu_scoped", component_hint=True)
     signature = inspect.signature(func)
     unknown = [name for name in names if name not in signature.parameters]
     if unknown:
@@ -957,7 +770,7 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike, optio
     site = _definition_site(func)
 
     def make_scope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
-        bound = _bind(func, signature, args, kwargs)
+        bound = bind(func, signature, args, kwargs)
         bound.apply_defaults()
         if names:
             components = [_checked(func, name, c) for name in names for c in _values(signature, bound.arguments, name)]
@@ -966,7 +779,7 @@ def _decorate(func: F, names: tuple[str, ...], device: devices.DeviceLike, optio
             components = [c for c in every if has_strategy(c)]
         return _Entry(tuple(components), device, site, options=options)
 
-    return _wrap(func, make_scope)
+    return wrap(func, make_scope)
 
 
 def _checked(func: Callable[..., Any], name: str, component: Any) -> Any:
