@@ -220,7 +220,7 @@ class Acquirer:
             plan.append(entry)
         loads = [e for e in plan if e.step is Step.LOAD or (e.step is Step.SWAP and e.holding and e.holding.forced_off)]
         if not loads:
-            return plan  # the hot path: nothing to load, nothing to count
+            return _swaps_within_budgets(plan)  # the hot path: nothing to load, nothing to count
         measured = ask.budget is not None or self.memory.memory(ask.device) is not None
         for entry in loads:
             size = ask.sizes.get(id(entry.part))
@@ -229,7 +229,7 @@ class Acquirer:
             entry.size = entry.counted = size or 0
         if ask.budget is not None:
             fit_within(plan, ask.budget, budget=True)
-        return plan
+        return _swaps_within_budgets(plan)
 
     def _record(self, ask: Ask, plan: list[Planned]) -> None:
         """Record every claim of the plan (and mark what it moves), and count its loads as taken on the device."""
@@ -238,6 +238,7 @@ class Acquirer:
             if entry.step is Step.LOAD:
                 made = Holding(device=device, key=entry.part.key, order=next(ledger.order), part=entry.part)
                 made.nbytes, made.partial, made.used = entry.counted, entry.partial, next(ledger.ticks)
+                made.budget = entry.budget
                 made.kept = id(made.key) in ask.kept
                 entry.holding = ledger.add_holding(made)
                 ledger.begin(made, State.LOADING)
@@ -251,7 +252,7 @@ class Acquirer:
             elif entry.step is Step.SWAP and holding.state is State.RESIDENT:
                 ledger.begin(holding, State.LOADING)
                 if entry.size:  # forced off: loaded again
-                    holding.nbytes, holding.partial = entry.counted, entry.partial
+                    holding.nbytes, holding.partial, holding.budget = entry.counted, entry.partial, entry.budget
             elif entry.step is Step.NOTHING:
                 holding.pointed.append(entry.part)  # the hot path: one hold of the lock
             ledger.add_claim(holding, entry.part, ask.owner)
@@ -325,7 +326,7 @@ class Acquirer:
                     holding.part.join()  # the current stream waits for the prefetch's copies
                 if load:
                     event = moves.run(part, device, move)
-                resident = part.resident_nbytes(device) if entry.partial and load else None
+                resident = part.resident_nbytes(device) if entry.partial and load else None  # what it left there
                 done = True
             finally:
                 if not done:
@@ -387,6 +388,19 @@ class Acquirer:
                 return
             holding.state = State.OFFLOADING  # an adopted prefetch (or a kept holding) whose move failed: unheld
         moves.end_holding(ledger, holding, join=False)
+
+
+def _swaps_within_budgets(plan: list[Planned]) -> list[Planned]:
+    """Swaps of patches onto weights loaded within a budget load within it too (not whole: the budget is what the
+    scope that loaded them asked for, and a LoRA clone inside it must not take the whole device)."""
+    for entry in plan:
+        if entry.step is not Step.SWAP or entry.size:
+            continue
+        if entry.source is not None:  # the same weights earlier in this acquire
+            entry.partial, entry.budget = entry.source.partial, entry.source.budget
+        elif entry.holding is not None and entry.holding.partial:
+            entry.partial, entry.budget = True, entry.holding.budget
+    return plan
 
 
 def _step(part: Part, holding: Holding | None) -> Planned:

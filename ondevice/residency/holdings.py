@@ -51,8 +51,9 @@ class Holding:
     ``state`` says whether a move of these weights runs (:class:`State`); ``prefetched`` marks a
     holding that :meth:`ResidencyTable.prefetch` made and no scope has claimed yet; ``kept`` one that
     stays on the device after its last claim goes.  ``nbytes`` is the device memory the table counts
-    for it (where the device reports its memory; else 0), ``partial`` whether it was loaded with
-    ``load_partial``, ``used`` when it was last used (a tick: its last claim went, or it was kept
+    for it (where the device reports its memory; else 0: once loaded in part, what that left there),
+    ``partial`` whether it was loaded with ``load_partial`` (within ``budget``: swaps of its patches
+    load within it too), ``used`` when it was last used (a tick: its last claim went, or it was kept
     or prefetched), for least-recently-used eviction.
     """
 
@@ -69,6 +70,7 @@ class Holding:
     kept: bool = False
     nbytes: int = 0
     partial: bool = False
+    budget: int | None = None  # partial: the budget it was loaded within (None: as much as the part chose)
     used: int = 0
     mover: int | None = field(default=None, repr=False)  # the thread whose move runs (state is not RESIDENT)
     moves: int = field(default=0, repr=False)  # counts moves: a restore acts only on what it saw

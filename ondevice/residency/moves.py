@@ -120,10 +120,19 @@ def take_off(ledger: Ledger, holdings: Sequence[Holding]) -> None:
 
 
 def swap_back(ledger: Ledger, holding: Holding, successor: Part) -> None:
-    """Load ``successor``'s patches into ``holding``'s weights (marked LOADING by this thread), then settle them."""
-    event = None
+    """Load ``successor``'s patches into ``holding``'s weights (marked LOADING by this thread), then settle them;
+    weights loaded within a budget are loaded within it again, and counted by what that left on the device."""
+    event, device = None, holding.device
+    if holding.partial:
+        move = functools.partial(successor.load_partial, device, holding.budget)
+    else:
+        move = functools.partial(successor.load, device)
     try:
-        event = run(successor, holding.device, functools.partial(successor.load, holding.device))
+        event = run(successor, device, move)
+        if holding.partial:
+            resident = successor.resident_nbytes(device)
+            with ledger.state_lock:
+                holding.nbytes = resident
     finally:
         ledger.settle(holding, moved=True)
     ledger.lock.deliver(event)

@@ -382,6 +382,13 @@ class PatcherPart(Part):
             return False
         return budget is None or self.patcher.loaded_size() <= budget
 
+    def _patches_loaded(self) -> bool:
+        """Whether ComfyUI's loaded entry of the weights has this patcher's patches (not another clone's)."""
+        return any(
+            entry.model is self.patcher or self.patcher.clone_has_same_weights(entry.model)
+            for entry in registered_entries(self.patcher.model)
+        )
+
     def _registered_on(self, device: torch.device) -> bool:
         return any(entry.device == device for entry in registered_entries(self.patcher.model))
 
@@ -451,7 +458,7 @@ class PatcherPart(Part):
         if problem is not None:
             raise InvalidArgumentError(problem)
         with comfyui_lock:
-            if model in _partial and _partial[model] == budget and self.is_on(device):
+            if model in _partial and _partial[model] == budget and self.is_on(device) and self._patches_loaded():
                 return
             if budget is not None and budget >= patcher.model_size():
                 self._load(device, wait=True)  # it fits the budget: a full load, on the fast path

@@ -91,6 +91,10 @@ class Sized(Stub):
             card.discharge(nbytes)
 
     def _charge(self, device: torch.device, nbytes: int) -> None:
+        if self.mem.charged is not None:  # a swap of patches: what the weights took before is given back first
+            earlier, taken = self.mem.charged
+            self.mem.charged = None
+            earlier.discharge(taken)
         card = self.cards[device]
         card.charge(nbytes)
         self.mem.charged = (card, nbytes)
@@ -447,6 +451,20 @@ def test_partial_without_budget_takes_what_is_free() -> None:
     assert moves(big) == ["load_partial None"] and rig.cards[GPU].used == 2 * UNIT
     rig.table.release(claims)
     rig.table.release(held)
+    rig.done()
+
+
+def test_a_swap_onto_weights_loaded_within_a_budget_loads_within_it() -> None:
+    """A clone with other patches claimed inside a budget scope: its patches go on with load_partial(device, 50), and
+    the first part's go back on the same way at its release, never whole; the table counts what each left."""
+    rig, a = Rig(4 * UNIT), Mem("a", 2 * UNIT)
+    outer = rig.table.acquire([rig.part(a)], GPU, budget=50)
+    inner = rig.table.acquire([rig.part(a, patches="lora")], GPU)
+    assert a.patches == "lora" and rig.cards[GPU].used == 50
+    rig.table.release(inner)
+    assert a.patches == "none" and moves(a) == ["load_partial 50"] * 3
+    assert [(h.nbytes, h.partial, h.budget) for h in rig.table.held()] == [(50, True, 50)]
+    rig.table.release(outer)
     rig.done()
 
 

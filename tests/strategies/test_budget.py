@@ -24,6 +24,7 @@ from ondevice.errors import InvalidArgumentError
 from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, fake_gpu, fakegpu
 from ondevice.testing.synthetic import cached_checkpoint
+from tests.strategies._lora import lora_clone
 from tests.strategies.test_dynamic import StandInVBAR, _load_dynamic, aimdo, resident_bytes  # noqa: F401  (fixture)
 from tests.testing.test_synthetic_flux import _loader, _sample
 
@@ -257,6 +258,28 @@ def test_unet_budget_inside_a_scope_holding_its_vae(
         assert_released(unet, fake_gpu, baseline=held)
         assert PatcherPart(vae.patcher).is_on(outer.device)
     assert fake_gpu.memory_allocated() == 0
+
+
+def test_a_lora_clone_inside_a_budget_scope_stays_within_the_budget(
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, unet_expected: torch.Tensor
+) -> None:
+    """on_gpu(unet, budget=B), then on_gpu(lora clone) inside it: the clone's patches go on within B as well (ComfyUI's
+    low-VRAM load with the LoRA), its step equals ComfyUI's own full load of the clone; at the inner exit the base
+    weights are back, still within B; everything released after (the swap loaded the whole model before)."""
+    unet = sd15.model
+    clone = lora_clone(unet)
+    budget = unet.model_size() // 3
+    device = fake_gpu.device
+    with_lora = comfyui_alone(clone, device, lambda: unet_forward(clone, device), force_full_load=True)
+    fake_gpu.reset_peak_memory_stats()
+    with on_gpu(unet, budget=budget) as scope:
+        with on_gpu(clone):
+            assert_partially_loaded(clone, scope.device, budget)
+            assert torch.allclose(unet_forward(clone, scope.device), with_lora, rtol=1e-4, atol=1e-5)
+        assert_partially_loaded(unet, scope.device, budget)
+        assert torch.equal(unet_forward(unet, scope.device), unet_expected)
+    assert fake_gpu.max_memory_allocated() <= budget + working_set(unet)
+    assert_released(unet, fake_gpu)
 
 
 def test_is_on_counts_a_partial_load_only_when_ondevice_made_it(sd15: ondevice.Checkpoint) -> None:
