@@ -29,13 +29,9 @@ Pinning never pins twice what ComfyUI pinned (``tensor.is_pinned()``), and
 ComfyUI's ``pin_memory`` refuses what ondevice pinned for the same reason.
 
 Dynamic VRAM (ComfyUI 2026+, ``ModelPatcherDynamic`` over comfy-aimdo): the
-patcher is loaded the same way, which stages its weights in an aimdo VBAR
-(virtual GPU memory with nothing behind it yet).  ondevice then locks the
-staged range against aimdo's eviction (``ModelVBAR.set_watermark_limit``)
-and faults every weight's pages in, so the VRAM is taken at entry or the
-entry fails; at exit the lock is dropped and ComfyUI's unload frees the
-pages and its pinned host buffers.  docs/dynamic-vram.md says what that
-guarantees and what it cannot.
+patcher is loaded the same way, then its staged weights are locked and
+faulted in (:mod:`ondevice.strategies.comfy_dynamic`); at exit the lock is
+dropped and ComfyUI's unload frees the pages and its pinned host buffers.
 
 Partial loads (:meth:`PatcherPart.load_partial`: ``budget=``, ``partial=True``)
 are ComfyUI's own low-VRAM load: ``LoadedModel.model_load(lowvram_model_memory=budget)``,
@@ -54,16 +50,15 @@ and may be ``None``; ``is_dynamic`` / ``register_load_device`` /
 
 This module imports ComfyUI; :mod:`ondevice.strategies` imports it lazily,
 the first time a ComfyUI object is seen.  Importing it installs the guard
-(:func:`install_guard`); :func:`remove_guard` takes it off again.
+(:func:`install_guard`, in :mod:`ondevice.strategies.comfy_guard`);
+:func:`remove_guard` takes it off again.  ComfyUI's loaded-model list is read
+through :mod:`ondevice.strategies.comfy_books`.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import comfy.model_management as mm
@@ -76,138 +71,18 @@ from ondevice.errors import InvalidArgumentError, MissingWeightsError, OnDeviceE
 from ondevice.residency import table
 from ondevice.scope import count_kept_elsewhere
 from ondevice.strategies import Part, clones, register_strategy
+from ondevice.strategies.comfy_books import (
+    WEAKREF_LOADED_MODEL,
+    is_dynamic,
+    is_registered,
+    registered_entries,
+    remove_entry,
+)
+from ondevice.strategies.comfy_dynamic import fault_in, is_resident, release_vbars, unloading, unlock, vbars
+from ondevice.strategies.comfy_guard import install_guard, kept_by_comfyui, reclaim, remove_guard
 from ondevice.strategies.module import all_on, join, module_tensors, point_back, stage
 
 __all__ = ["PatcherPart", "install_guard", "is_registered", "registered_entries", "remove_guard"]
-
-_WEAKREF_LOADED_MODEL = isinstance(getattr(mm.LoadedModel, "model", None), property)
-
-
-def _is_dynamic(patcher: Any) -> bool:
-    is_dynamic = getattr(patcher, "is_dynamic", None)
-    return bool(is_dynamic()) if callable(is_dynamic) else False
-
-
-def registered_entries(weights: object) -> list[Any]:
-    """The ``current_loaded_models`` entries whose patcher wraps ``weights`` (a copy, safe to mutate)."""
-    out = []
-    for entry in list(mm.current_loaded_models):
-        patcher = entry.model  # None once a weakly held patcher was collected
-        if patcher is not None and getattr(patcher, "model", None) is weights:
-            out.append(entry)
-    return out
-
-
-def is_registered(patcher: Any) -> bool:
-    """True when ComfyUI's loaded-model list holds an entry for ``patcher``'s weights."""
-    return bool(registered_entries(patcher.model))
-
-
-def _remove_entry(entry: Any) -> None:
-    models = mm.current_loaded_models
-    for index, other in enumerate(models):
-        if other is entry:  # by identity: LoadedModel.__eq__ compares patchers
-            del models[index]
-            return
-
-
-# ---------------------------------------------------------------------- dynamic VRAM (comfy-aimdo)
-
-# VBAR -> bytes aimdo reported resident right after ondevice faulted the staged weights in and locked
-# them; an entry exists exactly while ondevice holds that VBAR's pages (weak: ComfyUI owns the VBAR).
-_resident: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-
-def _vbars(patcher: Any) -> dict[Any, Any]:
-    """ComfyUI's per-device VBARs of a dynamic patcher's weights (``{}`` for a plain patcher)."""
-    vbars = getattr(patcher.model, "dynamic_vbars", None)
-    return vbars if isinstance(vbars, dict) else {}
-
-
-def _lock(vbar: Any) -> None:
-    """Make the VBAR's staged range unevictable by aimdo (torch allocations, other models' faults, free_memory)."""
-    vbar.set_watermark_limit(vbar.offset)
-
-
-def _unlock(vbar: Any) -> None:
-    _resident.pop(vbar, None)
-    vbar.set_watermark_limit(0)
-
-
-def _staged(patcher: Any) -> list[tuple[Any, int, int]]:
-    """The aimdo allocations ``(vbar, address, size)`` ComfyUI's load gave the weights (``module._v``), in order."""
-    allocations = [m._v for m in patcher.model.modules() if getattr(m, "_v", None) is not None]
-    return sorted(allocations, key=lambda allocation: allocation[1])
-
-
-def _fault_in(patcher: Any, device: torch.device) -> None:
-    """Lock the staged weights' VRAM and fault every page in; raise :class:`OnDeviceError` if aimdo runs short.
-
-    Faulting allocates the pages only; ComfyUI's cast copies each weight in at
-    its first use (aimdo's page serials tell it the page is new) and reuses it
-    after that.  Each page is unpinned again at once: the lock, not the pin,
-    keeps it.
-    """
-    name = type(patcher.model).__name__
-    vbar = _vbars(patcher).get(device)
-    if vbar is None:
-        msg = f"ComfyUI's dynamic VRAM load of {name} made no VBAR for {device}; load it without dynamic VRAM"
-        raise OnDeviceError(msg)
-    staged = _staged(patcher)
-    if any(owner is not vbar for owner, _, _ in staged):
-        msg = (
-            f"{name}'s weights are staged in the dynamic VRAM (comfy-aimdo VBAR) of another device, and ComfyUI "
-            f"does not move a dynamic model between GPUs; scope it on the device it was first loaded on, or load "
-            f"it with disable_dynamic=True (or start ComfyUI with --disable-dynamic-vram) to use {device}"
-        )
-        raise OnDeviceError(msg)
-    _lock(vbar)
-    faulted: list[tuple[Any, int, int]] = []
-    try:
-        for owner, address, size in staged:
-            if owner.fault(address, size) is None:
-                total = sum(size for _, _, size in staged)
-                msg = (
-                    f"ComfyUI's dynamic VRAM (comfy-aimdo) could not make all {total:,} bytes of {name}'s weights "
-                    f"resident on {device} beside what is held there; free device memory, scope fewer components "
-                    "at once, or start ComfyUI with --disable-dynamic-vram"
-                )
-                raise OnDeviceError(msg)
-            faulted.append((owner, address, size))
-    finally:
-        for owner, address, size in faulted:
-            owner.unpin(address, size)
-    _resident[vbar] = vbar.loaded_size()
-
-
-def _is_resident(patcher: Any, device: torch.device) -> bool:
-    """Whether every page ondevice faulted in for ``device`` is still resident."""
-    vbar = _vbars(patcher).get(device)
-    if vbar is None or vbar not in _resident:
-        return False
-    return bool(vbar.loaded_size() >= _resident[vbar])
-
-
-def _release_vbars(patcher: Any, keep: torch.device | None = None) -> None:
-    """Unlock the weights' VBARs (but ``keep``'s) and free pages ComfyUI's unload left (it stops at a lock)."""
-    if not _is_dynamic(patcher):
-        return
-    for device, vbar in list(_vbars(patcher).items()):
-        if device == keep:
-            continue
-        _unlock(vbar)
-        if vbar.loaded_size() > 0:
-            with _unloading(patcher, device):
-                patcher.partially_unload(CPU, 1e32)  # ComfyUI's own: frees the VBAR pages, then its backups
-
-
-def _relock_held() -> None:
-    """Lock again what live scopes hold: ComfyUI's executor resets every VBAR's limit after each node."""
-    for holding in table.held():
-        patcher = getattr(holding.part, "patcher", None)
-        vbar = None if holding.forced_off or patcher is None else _vbars(patcher).get(holding.device)
-        if vbar is not None and vbar in _resident:
-            _lock(vbar)
 
 
 # nn.Module -> (patcher, device) of a prefetch whose copies are in flight and whose ComfyUI load waits for join()
@@ -273,38 +148,23 @@ def _budget_error(patcher: Any, budget: int, *, dynamic: bool) -> str | None:
 # ---------------------------------------------------------------------- unloading
 
 
-@contextmanager
-def _unloading(patcher: Any, device: Any) -> Iterator[None]:
-    """Point ``load_device`` at the device the weights are loaded on and ``offload_device`` at the CPU.
-
-    A dynamic patcher's unload reads its per-device state through ``load_device``
-    (VBAR, pinned host buffers); a scope may have pointed it elsewhere meanwhile.
-    """
-    saved = patcher.load_device, patcher.offload_device
-    patcher.load_device, patcher.offload_device = device, CPU
-    try:
-        yield
-    finally:
-        patcher.load_device, patcher.offload_device = saved
-
-
 def _unload_entry(entry: Any) -> None:
     """Pop ``entry`` from ComfyUI's list and unload it to the CPU, in one step."""
-    _remove_entry(entry)
-    if _WEAKREF_LOADED_MODEL and getattr(entry, "model_finalizer", None) is None:
+    remove_entry(entry)
+    if WEAKREF_LOADED_MODEL and getattr(entry, "model_finalizer", None) is None:
         return  # never loaded, or already unloaded: model_unload() would crash
     patcher = entry.model
-    vbar = _vbars(patcher).get(entry.device)
+    vbar = vbars(patcher).get(entry.device)
     if vbar is not None:
-        _unlock(vbar)  # ComfyUI's unload frees VBAR pages only above the limit
-    with _unloading(patcher, entry.device):
+        unlock(vbar)  # ComfyUI's unload frees VBAR pages only above the limit
+    with unloading(patcher, entry.device):
         entry.model_unload()
 
 
 def _detach_to_cpu(patcher: Any) -> None:
     """Move weights that ComfyUI no longer tracks (moved by hand, or a failed unload) back to the CPU."""
     try:
-        with _unloading(patcher, patcher.load_device):
+        with unloading(patcher, patcher.load_device):
             if hasattr(patcher, "detach"):
                 patcher.detach(unpatch_all=True)
             else:
@@ -367,13 +227,13 @@ class PatcherPart(Part):
             return bool(pending[1] == device)
         if self.patcher.model in _partial:
             return self._partially_on(device, _partial[self.patcher.model])
-        if not _is_dynamic(self.patcher):
+        if not is_dynamic(self.patcher):
             return is_registered(self.patcher) and all_on(self.tensors(), device)
         # the weights stay CPU tensors; ComfyUI casts them from the VBAR's pages on the device
         return (
             self._registered_on(device)
             and getattr(self.patcher.model, "device", None) == device
-            and _is_resident(self.patcher, device)
+            and is_resident(self.patcher, device)
         )
 
     def _partially_on(self, device: torch.device, budget: int | None) -> bool:
@@ -408,7 +268,7 @@ class PatcherPart(Part):
         ComfyUI's load may synchronize the device (0.33.0 does, per module), which would wait for the
         copies, so it runs when a scope claims the weights.  Where the fast path does not apply, a full load.
         """
-        if _fast_path_blocker(self.patcher, dynamic=_is_dynamic(self.patcher)) is not None:
+        if _fast_path_blocker(self.patcher, dynamic=is_dynamic(self.patcher)) is not None:
             self.load(device)
             return
         with comfyui_lock:
@@ -453,7 +313,7 @@ class PatcherPart(Part):
         On failure everything is left on the CPU and the error raised.
         """
         patcher, model = self.patcher, self.patcher.model
-        dynamic = _is_dynamic(patcher)
+        dynamic = is_dynamic(patcher)
         problem = None if budget is None else _budget_error(patcher, budget, dynamic=dynamic)
         if problem is not None:
             raise InvalidArgumentError(problem)
@@ -496,7 +356,7 @@ class PatcherPart(Part):
         self.last_move, self.last_fallback = "comfyui", f"partial load ({amount}): ComfyUI's {path}"
 
     def _load(self, device: torch.device, *, wait: bool) -> None:
-        dynamic = _is_dynamic(self.patcher)
+        dynamic = is_dynamic(self.patcher)
         with comfyui_lock:
             _partial.pop(self.patcher.model, None)  # a full load now: is_on asks for every weight again
             try:
@@ -513,7 +373,7 @@ class PatcherPart(Part):
     def _load_through_comfyui(self, patcher: Any, device: torch.device, *, dynamic: bool) -> None:
         mm.load_models_gpu([patcher], force_full_load=not dynamic)
         if dynamic:
-            _fault_in(patcher, device)
+            fault_in(patcher, device)
         if not self.is_on(device):
             raise OnDeviceError(self._not_loaded_message(device))
 
@@ -566,7 +426,7 @@ class PatcherPart(Part):
                     _unload_entry(entry)
         finally:
             try:
-                _release_vbars(patcher, keep)
+                release_vbars(patcher, keep)
             finally:
                 if keep is None:
                     _partial.pop(patcher.model, None)
@@ -704,127 +564,6 @@ class ControlNetStrategy:
         return [PatcherPart(p) for p in models]
 
 
-# ---------------------------------------------------------------------- the guard on ComfyUI's memory management
-
-_GUARDED = ("free_memory", "load_models_gpu")
-# id(guard) -> (guard, the ComfyUI function it wraps), for each installed guard; empty when not installed
-_guards: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}
-
-
-def _held_entries() -> list[Any]:
-    """ComfyUI's entries for every weight a live scope holds."""
-    return [entry for holding in table.held() if not holding.forced_off for entry in registered_entries(holding.key)]
-
-
-def _guard_free_memory(free_memory: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(free_memory)
-    def guarded_free_memory(memory_required: Any, device: Any, keep_loaded: Any = (), *args: Any, **kwargs: Any) -> Any:
-        with comfyui_lock:
-            _relock_held()
-            keep = [*keep_loaded, *_held_entries()]
-            return free_memory(memory_required, device, keep, *args, **kwargs)  # for_dynamic, pins_required, ...
-
-    return guarded_free_memory
-
-
-def _guard_load_models_gpu(load_models_gpu: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(load_models_gpu)
-    def guarded_load_models_gpu(*args: Any, **kwargs: Any) -> Any:
-        with comfyui_lock:
-            return load_models_gpu(*args, **kwargs)
-
-    return guarded_load_models_gpu
-
-
-def _replace_everywhere(replacements: dict[int, tuple[Callable[..., Any], Callable[..., Any]]]) -> None:
-    """In every loaded module's namespace, replace each ``old`` of ``{id(old): (old, new)}`` with its ``new``."""
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for attribute, value in list(namespace.items()):
-            found = replacements.get(id(value))
-            if found is not None and found[0] is value:
-                setattr(module, attribute, found[1])
-
-
-def install_guard() -> None:
-    """Make ComfyUI's own memory management respect live scopes, and serialize it with ondevice's moves.
-
-    Wraps ``comfy.model_management.free_memory`` and ``load_models_gpu``, and
-    ``ModelPatcher.clone`` (:mod:`ondevice.strategies.clones`: clones made
-    inside a scope get the original ``load_device`` back at its end), the
-    changes ondevice makes to ComfyUI; importing ComfyUI's strategies (the
-    first scope over a ComfyUI object) calls it.
-
-    - ``free_memory`` (which ``load_models_gpu``, ``unload_all_models``,
-      ``vae.decode`` ... call to make room) gets every held entry added to its
-      ``keep_loaded``, ComfyUI's own veto, so ComfyUI never evicts what a scope
-      holds; it first locks held dynamic-VRAM weights against comfy-aimdo again
-      (ComfyUI's executor resets those locks after every node).  Every other
-      argument (``for_dynamic``, ``pins_required``, ``ram_required``, ...)
-      passes through unchanged.
-    - Both take :data:`ondevice.comfyui.comfyui_lock`, as ondevice's moves of
-      ComfyUI components do, because ComfyUI's loaded-model list has no lock.
-
-    Copies of the two functions that other modules imported by name (``from
-    comfy.model_management import free_memory``) are replaced too.  Idempotent;
-    thread-safe.  Undo with :func:`remove_guard`.
-
-    Example::
-
-        from ondevice.strategies.comfy import install_guard, remove_guard
-
-        remove_guard()  # ComfyUI's functions exactly as they were
-        install_guard()  # guarded again
-    """
-    with comfyui_lock:
-        if _guards:
-            return
-        originals = {name: getattr(mm, name) for name in _GUARDED}
-        if any(hasattr(function, "__ondevice_guard__") for function in originals.values()):
-            return  # guarded by another copy of this module (reloaded); that copy owns the undo
-        guards = {
-            "free_memory": _guard_free_memory(originals["free_memory"]),
-            "load_models_gpu": _guard_load_models_gpu(originals["load_models_gpu"]),
-        }
-        for guard in guards.values():
-            guard.__ondevice_guard__ = True  # type: ignore[attr-defined]
-        _replace_everywhere({id(originals[name]): (originals[name], guards[name]) for name in _GUARDED})
-        _guards.update({id(guards[name]): (guards[name], originals[name]) for name in _GUARDED})
-        clones.install()
-
-
-def remove_guard() -> None:
-    """Undo :func:`install_guard`: ComfyUI's ``free_memory``, ``load_models_gpu`` and ``clone`` are its own again.
-
-    Every module attribute that holds a guard (``comfy.model_management``'s,
-    and copies imported by name before or after the guard was installed) gets
-    the original function back.  An attribute that someone else replaced
-    meanwhile (a wrapper around the guard) is left as it is.  Afterwards
-    ComfyUI may evict what live scopes hold; ``scope.ensure()`` loads it back
-    (so does the next entry or exit that moves weights on that device).
-    Idempotent; thread-safe; :func:`install_guard` puts the guard back.
-    """
-    with comfyui_lock:
-        _replace_everywhere(dict(_guards))
-        clones.remove()
-        _guards.clear()
-
-
-def _kept_by_comfyui(device: torch.device) -> int:
-    """Bytes of the weights ComfyUI's loaded-model list keeps on ``device`` (its cache between nodes)."""
-    patchers = [entry.model for entry in list(mm.current_loaded_models) if entry.device == device]
-    return sum(_torch_bytes(patcher) for patcher in patchers if patcher is not None)
-
-
-def _torch_bytes(patcher: Any) -> int:
-    """The bytes of a loaded patcher's weights that torch allocated (a dynamic one's VBAR pages are aimdo's)."""
-    if _is_dynamic(patcher):
-        return int(getattr(patcher.model, "model_loaded_weight_memory", 0))
-    return int(patcher.loaded_size())
-
-
 def _register() -> None:
     import comfy.clip_vision  # noqa: PLC0415
     import comfy.controlnet  # noqa: PLC0415
@@ -835,15 +574,9 @@ def _register() -> None:
     register_strategy(comfy.sd.CLIP, CLIPStrategy())
     register_strategy(comfy.clip_vision.ClipVisionModel, ClipVisionStrategy())
     register_strategy(comfy.controlnet.ControlBase, ControlNetStrategy())
-    count_kept_elsewhere(_kept_by_comfyui)  # what ComfyUI keeps loaded is not memory a scope left behind
-    table.add_reclaimer(_reclaim)
+    count_kept_elsewhere(kept_by_comfyui)  # what ComfyUI keeps loaded is not memory a scope left behind
+    table.add_reclaimer(reclaim)
     install_guard()
-
-
-def _reclaim(device: torch.device, nbytes: int) -> None:
-    """Let ComfyUI unload models it keeps loaded but no scope holds until ``nbytes`` are free on ``device``."""
-    with comfyui_lock:
-        mm.free_memory(nbytes, device)  # guarded: never what live scopes (or keeps, prefetches) hold
 
 
 _register()
