@@ -123,30 +123,6 @@ def comfyui_alone(patcher: Any, device: torch.device, work: Callable[[], torch.T
         patcher.load_device = saved
 
 
-class PeakMemory:
-    """The highest memory allocated on fakegpu:0 since :meth:`reset`, read at every change of the fake GPU's ledger."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        ledger = fakegpu._ledger
-        apply = ledger._apply
-        self.value = 0
-
-        def apply_and_record(staged: Any) -> None:
-            apply(staged)
-            self.value = max(self.value, int(ledger._books.get(("device", 0), 0)))
-
-        monkeypatch.setattr(ledger, "_apply", apply_and_record)  # fakegpu has no public peak counter
-
-    def reset(self) -> None:
-        self.value = fakegpu.memory_allocated(0)
-
-
-@pytest.fixture
-def peak(monkeypatch: pytest.MonkeyPatch) -> PeakMemory:
-    """The fake GPU's peak memory, recorded while the test runs."""
-    return PeakMemory(monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def flux() -> Iterator[Any]:
     """The Flux mini, loaded once per module by ComfyUI's own loader to the CPU (2.18 GB in fp32)."""
@@ -174,13 +150,13 @@ def comfyui_low_vram(flux: Any) -> torch.Tensor:
 
 @pytest.mark.parametrize("via", ["part", "on_gpu"])
 def test_flux_step_within_a_budget_matches_comfyui_low_vram_run(
-    flux: Any, comfyui_low_vram: torch.Tensor, peak: PeakMemory, via: str
+    flux: Any, comfyui_low_vram: torch.Tensor, via: str
 ) -> None:
     """Flux mini on a fake GPU 90% its size, 512 MiB budget: one euler step equals ComfyUI's own low-VRAM run, memory
     never above budget + working set, everything back on the CPU after."""
     with smaller_gpu(flux) as gpu:
         assert gpu.memory < flux.model_size()
-        peak.reset()
+        gpu.reset_peak_memory_stats()
         with within_budget(flux, gpu.device, BUDGET, via):
             assert_partially_loaded(flux, gpu.device, BUDGET)
             out = _sample(flux)  # ComfyUI's sampler calls load_models_gpu again: it offers more, the entry refuses
@@ -188,7 +164,7 @@ def test_flux_step_within_a_budget_matches_comfyui_low_vram_run(
         assert_released(flux, gpu)
         assert not mm.current_loaded_models
     assert torch.equal(out, comfyui_low_vram)
-    assert peak.value <= BUDGET + working_set(flux)
+    assert gpu.max_memory_allocated() <= BUDGET + working_set(flux)
 
 
 def test_partial_without_budget_loads_what_comfyui_chooses(flux: Any, comfyui_low_vram: torch.Tensor) -> None:
