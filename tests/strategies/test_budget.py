@@ -25,6 +25,7 @@ from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, fake_gpu, fakegpu
 from ondevice.testing.synthetic import cached_checkpoint
 from tests.strategies._lora import lora_clone
+from tests.strategies._steps import unet_forward
 from tests.strategies.test_dynamic import StandInVBAR, _load_dynamic, aimdo, resident_bytes  # noqa: F401  (fixture)
 from tests.testing.test_synthetic_flux import _loader, _sample
 
@@ -99,16 +100,6 @@ def assert_released(patcher: Any, gpu: FakeGPU, baseline: int = 0) -> None:
     assert not getattr(patcher, "pinned", set())
     assert not PatcherPart(patcher).is_on(gpu.device)
     assert gpu.memory_allocated() == baseline
-
-
-def unet_forward(patcher: Any, device: torch.device) -> torch.Tensor:
-    """An SD1.5 UNet step through ComfyUI's apply_model, fixed inputs, result on the CPU."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=generator)
-    context = torch.randn(1, 1, 768, generator=generator)
-    with torch.inference_mode():
-        out = patcher.model.apply_model(x.to(device), torch.tensor([10.0]).to(device), c_crossattn=context.to(device))
-        return out.cpu()
 
 
 def comfyui_alone(patcher: Any, device: torch.device, work: Callable[[], torch.Tensor], **load: Any) -> torch.Tensor:

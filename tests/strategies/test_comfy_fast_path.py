@@ -22,6 +22,7 @@ from ondevice import pinning as ondevice_pinning
 from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, capture_moves, fake_gpu
 from tests.strategies._lora import lora_clone
+from tests.strategies._steps import unet_forward, vae_decode
 
 CPU = torch.device("cpu")
 
@@ -55,22 +56,6 @@ class Originals:
         assert written == [], "patches or writes reached the CPU tensors the model had before the scope"
         changed = [name for name, t in now.items() if name not in except_ and not torch.equal(t, self.values[name])]
         assert changed == []
-
-
-def unet_forward(patcher: Any, device: torch.device) -> torch.Tensor:
-    """A UNet step through ComfyUI's apply_model, fixed inputs, result on the CPU."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=generator)
-    context = torch.randn(1, 1, 768, generator=generator)  # one token: a quick forward on the fake GPU
-    with torch.inference_mode():
-        out = patcher.model.apply_model(x.to(device), torch.tensor([10.0]).to(device), c_crossattn=context.to(device))
-        return out.cpu()
-
-
-def vae_decode(vae: Any) -> torch.Tensor:
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return vae.decode(latent).cpu()
 
 
 def comfyui_alone(patcher: Any, gpu: FakeGPU, work: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,24 @@
+"""Fixed-input steps of the SD1.5 mini components, each result on the CPU: what tests compare across load paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def unet_forward(patcher: Any, device: torch.device) -> torch.Tensor:
+    """A UNet step through ComfyUI's apply_model, fixed inputs, result on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 1, 768, generator=generator)  # one token: a quick forward on the fake GPU
+    with torch.inference_mode():
+        out = patcher.model.apply_model(x.to(device), torch.tensor([10.0]).to(device), c_crossattn=context.to(device))
+        return out.cpu()
+
+
+def vae_decode(vae: Any) -> torch.Tensor:
+    """A VAE decode of a fixed latent, result on the CPU."""
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return vae.decode(latent).cpu()
