@@ -220,7 +220,7 @@ class Acquirer:
             plan.append(entry)
         loads = [e for e in plan if e.step is Step.LOAD or (e.step is Step.SWAP and e.holding and e.holding.forced_off)]
         if not loads:
-            return _swaps_within_budgets(plan)  # the hot path: nothing to load, nothing to count
+            return plan  # the hot path: nothing to load, nothing to count
         measured = ask.budget is not None or self.memory.memory(ask.device) is not None
         for entry in loads:
             size = ask.sizes.get(id(entry.part))
@@ -229,11 +229,12 @@ class Acquirer:
             entry.size = entry.counted = size or 0
         if ask.budget is not None:
             fit_within(plan, ask.budget, budget=True)
-        return _swaps_within_budgets(plan)
+        return plan
 
     def _record(self, ask: Ask, plan: list[Planned]) -> None:
         """Record every claim of the plan (and mark what it moves), and count its loads as taken on the device."""
         ledger, device = self.ledger, ask.device
+        _swaps_within_budgets(plan)  # after room(): partial=True decides there which loads are partial
         for entry in plan:
             if entry.step is Step.LOAD:
                 made = Holding(device=device, key=entry.part.key, order=next(ledger.order), part=entry.part)
@@ -390,7 +391,7 @@ class Acquirer:
         moves.end_holding(ledger, holding, join=False)
 
 
-def _swaps_within_budgets(plan: list[Planned]) -> list[Planned]:
+def _swaps_within_budgets(plan: list[Planned]) -> None:
     """Swaps of patches onto weights loaded within a budget load within it too (not whole: the budget is what the
     scope that loaded them asked for, and a LoRA clone inside it must not take the whole device)."""
     for entry in plan:
@@ -400,7 +401,6 @@ def _swaps_within_budgets(plan: list[Planned]) -> list[Planned]:
             entry.partial, entry.budget = entry.source.partial, entry.source.budget
         elif entry.holding is not None and entry.holding.partial:
             entry.partial, entry.budget = True, entry.holding.budget
-    return plan
 
 
 def _step(part: Part, holding: Holding | None) -> Planned:

@@ -249,6 +249,20 @@ def test_a_lora_clone_inside_a_budget_scope_stays_within_the_budget(
     assert_released(unet, fake_gpu)
 
 
+def test_a_lora_clone_in_the_same_partial_scope_as_its_base_loads_in_part(sd15: ondevice.Checkpoint) -> None:
+    """on_gpu(unet, clone, partial=True) on a fake GPU smaller than the UNet: the clone's swap loads in part too (it
+    loaded the whole model and ran out of memory), and its step equals ComfyUI's own full load of the clone."""
+    unet = sd15.model
+    clone = lora_clone(unet)
+    with fake_gpu() as roomy:
+        with_lora = comfyui_alone(clone, roomy.device, lambda: unet_forward(clone, roomy.device), force_full_load=True)
+    with smaller_gpu(unet) as gpu:
+        with on_gpu(unet, clone, partial=True) as scope:
+            assert clone.model.model_lowvram and 0 < clone.loaded_size() < clone.model_size()
+            assert torch.allclose(unet_forward(clone, scope.device), with_lora, rtol=1e-4, atol=1e-5)
+        assert_released(unet, gpu)
+
+
 def test_is_on_counts_a_partial_load_only_when_ondevice_made_it(sd15: ondevice.Checkpoint) -> None:
     """ComfyUI's own partial load is not "on" for a scope; ondevice's is; a full load after it needs every weight."""
     unet = sd15.model
