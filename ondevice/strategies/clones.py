@@ -1,24 +1,34 @@
-"""ComfyUI clones made inside a scope: their ``load_device`` follows the scope, then goes back with the original's.
+"""A ComfyUI patcher's ``load_device`` while scopes hold its weights, and that of the clones made meanwhile.
 
 While a scope holds a ``ModelPatcher``, :class:`~ondevice.strategies.comfy.PatcherPart`
-points its ``load_device`` at the scope's device (so that ComfyUI's own loads,
-a sampler's ``load_models_gpu`` say, find the weights where they are).  ComfyUI's
-``clone()`` copies ``load_device``, so a clone made inside the scope (a LoRA
-node, ``CLIP.clone()``, a clone of such a clone) names the scope's device too,
-which is right while the scope runs and wrong after it: ComfyUI would load that
-clone on the scope's device, say ``cuda:1``, where the user's own setting is
-``cuda:0``.
+points its ``load_device`` at the scope's device (:func:`point`), so that ComfyUI's
+own loads (a sampler's ``load_models_gpu``) find the weights where they are, and
+gives it back when the part lets go (:func:`unpoint`).  ComfyUI's ``clone()``
+copies ``load_device``, so a clone made meanwhile (a LoRA node, ``CLIP.clone()``,
+a clone of such a clone) names the scope's device too: right while the scope
+runs, wrong after it (ComfyUI would load that clone on ``cuda:1`` where the user
+set ``cuda:0``).
 
-:func:`watch` (called when a part first points a patcher) records the clones
-made meanwhile through the ``clone`` wrapper that :func:`install` puts on
-``comfy.model_patcher.ModelPatcher`` (the one wrap of ComfyUI's classes, undone
-by :func:`remove`, with ``install_guard`` / ``remove_guard``); :func:`unwatch`
-(when the part restores the original) gives every such clone still naming the
-scope's device the original back.  A clone whose ``load_device`` someone set to
-another device meanwhile is left as it is.  ComfyUI's ``clone_has_same_weights``
-sees nothing of this (no callback or attribute is added to any patcher).
+Each patcher pointed, and each clone made from one while it is pointed, has a
+*track* here: its *home* (the ``load_device`` it had before any scope pointed it;
+a clone's is its parent's), how many parts point it now, and the track of the
+pointed patcher it was made from (*born in*).  A patcher no part points rests on
+the device of the track it was born in while that is pointed, else on its home:
 
-Thread semantics: a clone may be made on any thread; a lock guards the watch list.
+- :func:`point` counts one more part (and sets the scope's device);
+- :func:`unpoint` counts one fewer; the last sets the patcher's resting device,
+  and every clone born in it that no part points and that still names the scope's
+  device gets its own home back (a clone whose ``load_device`` was set to another
+  device meanwhile is left as it is).
+
+The order in which parts let go does not matter.  Clones are seen through a wrapper
+on ``comfy.model_patcher.ModelPatcher.clone`` (:func:`install`, undone by
+:func:`remove`, with ``install_guard`` / ``remove_guard``), which adds no callback
+or attribute to any patcher: ComfyUI's ``clone_has_same_weights`` sees nothing.
+
+Thread semantics: a lock guards the tracks; ``load_device`` is set under it.  A
+clone made on another thread at the moment the last part lets go may keep the
+scope's device (ComfyUI copies ``load_device`` before the wrapper sees the clone).
 """
 
 from __future__ import annotations
@@ -27,74 +37,112 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_patcher as mp
 import torch
 
-__all__ = ["Watch", "install", "remove", "unwatch", "watch"]
+__all__ = ["install", "point", "remove", "unpoint"]
 
 
 @dataclass(eq=False)
-class Watch:
-    """One pointed patcher: the device its scope points it at, the ``load_device`` to give back, its clones so far."""
+class _Track:
+    ref: weakref.ref[Any]
+    home: Any  # load_device when neither it nor any track it was born in (up the chain) is pointed
+    born_in: _Track | None = None
+    pointers: int = 0  # parts pointing it now
+    device: torch.device | None = None  # where they point it (one device at a time: the weights' holding)
 
-    device: torch.device
-    original: Any
-    clones: list[weakref.ref[Any]] = field(default_factory=list)
+    def pointed_ancestor(self) -> _Track | None:
+        """The nearest track up the chain it was born in that parts point now."""
+        born_in = self.born_in
+        while born_in is not None and not born_in.pointers:
+            born_in = born_in.born_in
+        return born_in
+
+    def born_within(self, other: _Track) -> bool:
+        born_in = self.born_in
+        while born_in is not None and born_in is not other:
+            born_in = born_in.born_in
+        return born_in is other
+
+    def resting(self) -> Any:
+        ancestor = self.pointed_ancestor()
+        return ancestor.device if ancestor is not None else self.home
 
 
-_lock = threading.Lock()
-# id(patcher) -> (a weak reference to it, its watch): pointed patchers and the clones made from them meanwhile
-_watched: dict[int, tuple[weakref.ref[Any], Watch]] = {}
+_lock = threading.RLock()  # reentrant: a weakref callback may run (garbage collection) while it is held
+_tracks: dict[int, _Track] = {}  # id(patcher) -> its track: patchers pointed, and clones born in one still pending
 _installed: list[Callable[..., Any]] = []  # the ComfyUI clone that the wrapper wraps, while installed
 
 
-def _lookup(patcher: Any) -> Watch | None:
-    found = _watched.get(id(patcher))
-    return found[1] if found is not None and found[0]() is patcher else None
+def _track_of(patcher: Any) -> _Track | None:
+    track = _tracks.get(id(patcher))
+    return track if track is not None and track.ref() is patcher else None
 
 
-def watch(patcher: Any, device: torch.device, original: Any) -> Watch | None:
-    """Record the clones of ``patcher`` (pointed at ``device``; ``original`` its own ``load_device``) until
-    :func:`unwatch`; None (nothing to undo) where it is watched already: an outer part of the same patcher watches."""
+def _new_track(patcher: Any, home: Any, born_in: _Track | None = None) -> _Track:
+    key = id(patcher)
+
+    def forget(ref: weakref.ref[Any]) -> None:
+        with _lock:
+            if (found := _tracks.get(key)) is not None and found.ref is ref:
+                del _tracks[key]
+
+    track = _Track(weakref.ref(patcher, forget), home, born_in)
+    _tracks[key] = track
+    return track
+
+
+def point(patcher: Any, device: torch.device) -> None:
+    """One more part points ``patcher`` at ``device``: its ``load_device`` is set to it."""
     with _lock:
-        if _lookup(patcher) is not None:
-            return None
-        made = Watch(device, original)
-        _watched[id(patcher)] = (weakref.ref(patcher), made)
-        return made
+        track = _track_of(patcher) or _new_track(patcher, patcher.load_device)
+        track.pointers += 1
+        track.device = device
+        patcher.load_device = device
 
 
-def unwatch(patcher: Any, made: Watch) -> None:
-    """Stop watching ``patcher``; every clone made meanwhile that still names the scope's device gets the original."""
+def unpoint(patcher: Any) -> None:
+    """One part fewer points ``patcher``; at the last, it and the clones born in it rest (see the module)."""
     with _lock:
-        if _lookup(patcher) is made:
-            del _watched[id(patcher)]
-        clones = [clone for ref in made.clones if (clone := ref()) is not None]
-        for clone in clones:
-            if _lookup(clone) is made:
-                del _watched[id(clone)]
-    for clone in clones:
-        if clone.load_device == made.device:
-            clone.load_device = made.original
+        track = _track_of(patcher)
+        if track is None or not track.pointers:
+            return
+        track.pointers -= 1
+        if track.pointers:
+            return
+        for key, other in list(_tracks.items()):
+            made = other.ref()
+            if made is None or other.pointers or not (other is track or other.born_within(track)):
+                continue
+            if other is track or made.load_device == track.device:  # a clone set elsewhere meanwhile stays
+                made.load_device = other.resting()
+            if other.pointed_ancestor() is None:
+                del _tracks[key]
+
+
+def _record(parent: Any, made: Any) -> None:
+    """``made`` was cloned from ``parent``: where ``parent`` is pointed, or was born in a pointed track, track it."""
+    with _lock:
+        track = _track_of(parent)
+        if track is None or _track_of(made) is not None:
+            return
+        if track.pointers or track.pointed_ancestor() is not None:
+            _new_track(made, track.home, track)
 
 
 def _wrap(clone: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(clone)
-    def clone_watched(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def clone_tracked(self: Any, *args: Any, **kwargs: Any) -> Any:
         made = clone(self, *args, **kwargs)
-        if _watched:  # the common case (no scope holds a patcher): one dictionary test
-            with _lock:
-                watching = _lookup(self)
-                if watching is not None and made is not self:
-                    watching.clones.append(weakref.ref(made))
-                    _watched[id(made)] = (weakref.ref(made), watching)  # its own clones are the scope's too
+        if _tracks and made is not self:  # the common case (no scope holds a patcher): one dictionary test
+            _record(self, made)
         return made
 
-    clone_watched.__ondevice_guard__ = True  # type: ignore[attr-defined]
-    return clone_watched
+    clone_tracked.__ondevice_guard__ = True  # type: ignore[attr-defined]
+    return clone_tracked
 
 
 def install() -> None:

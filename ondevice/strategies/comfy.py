@@ -183,7 +183,9 @@ class PatcherPart(Part):
     device while the weights are held (``vae.device``, a ClipVision's
     ``load_device``); :meth:`point_at` sets them and the patcher's
     ``load_device`` (registering the device with a dynamic patcher),
-    :meth:`restore` puts the originals back.
+    :meth:`restore` puts the originals back (the patcher's ``load_device``, and
+    that of the clones made meanwhile, once no part points it:
+    :mod:`ondevice.strategies.clones`).
 
     On the device means: ComfyUI's loaded list holds the weights for that
     device and every weight is there; for a dynamic patcher, every staged
@@ -201,9 +203,8 @@ class PatcherPart(Part):
 
     def __init__(self, patcher: Any, retarget: Sequence[tuple[object, str]] = ()) -> None:
         self.patcher = patcher
-        self._retarget = [(patcher, "load_device"), *retarget]
-        self._saved: list[tuple[object, str, Any]] | None = None
-        self._clones: clones.Watch | None = None  # the clones made while this part points the patcher
+        self._retarget = list(retarget)
+        self._saved: list[tuple[object, str, Any]] | None = None  # None: not pointing
 
     @property
     def key(self) -> object:
@@ -453,18 +454,18 @@ class PatcherPart(Part):
             register_load_device(device)
         if self._saved is None:
             self._saved = [(obj, name, getattr(obj, name)) for obj, name in self._retarget]
-            self._clones = clones.watch(self.patcher, device, self.patcher.load_device)
+            clones.point(self.patcher, device)  # load_device, counted per patcher (see ondevice.strategies.clones)
         for obj, name in self._retarget:
             setattr(obj, name, device)
 
     def restore(self) -> None:
-        """Put back what :meth:`point_at` changed, on the clones made meanwhile too (see :mod:`.clones`)."""
+        """Put back what :meth:`point_at` changed; the patcher's ``load_device`` (and its clones') once no part
+        points it any more (:mod:`ondevice.strategies.clones`)."""
         saved, self._saved = self._saved, None
-        watching, self._clones = self._clones, None
         for obj, name, value in saved or ():
             setattr(obj, name, value)
-        if watching is not None:
-            clones.unwatch(self.patcher, watching)
+        if saved is not None:
+            clones.unpoint(self.patcher)
 
     def __repr__(self) -> str:
         return f"PatcherPart({type(self.patcher.model).__name__})"

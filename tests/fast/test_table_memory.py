@@ -468,6 +468,17 @@ def test_a_swap_onto_weights_loaded_within_a_budget_loads_within_it() -> None:
     rig.done()
 
 
+def test_a_swap_in_the_same_partial_scope_loads_in_part_too() -> None:
+    """acquire(a, a with other patches, partial=True) where a does not fit: both loads are load_partial(device, None)
+    (the swap copied its partial flag before room() had decided it, and loaded whole)."""
+    rig, a = Rig(UNIT), Mem("a", 2 * UNIT)
+    claims = rig.table.acquire([rig.part(a), rig.part(a, patches="lora")], GPU, partial=True)
+    assert moves(a) == ["load_partial None"] * 2 and a.patches == "lora"
+    assert [(h.partial, h.budget) for h in rig.table.held()] == [(True, None)]
+    rig.table.release(claims)
+    rig.done()
+
+
 # --------------------------------------------------------------------------- several devices
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 import ondevice
 from ondevice import on_gpu
+from ondevice.strategies import clones
 from ondevice.strategies import comfy as comfy_strategies
 from ondevice.strategies.comfy import registered_entries
 from ondevice.testing import FakeGPU
@@ -379,6 +381,29 @@ def test_clones_made_inside_a_scope_get_the_load_device_back(fake_gpu_two: Any, 
     assert unet.load_device == clone.load_device == grandchild.load_device == made_before.load_device == original
     assert elsewhere.load_device == dev0
     assert where(unet) == {CPU} and fake_gpu_two.memory_allocated(1) == 0
+
+
+def test_clone_load_devices_hold_whatever_order_scopes_exit_in(fake_gpu_two: Any, sd15: ondevice.Checkpoint) -> None:
+    """Scopes on a patcher, on a clone made before, and on a clone made inside that one, exited out of order (as
+    threads and tasks may): a patcher names the scope's device while a scope points it (the earlier exit reset it
+    under the later scope), and every one names its own load_device again once none does; nothing stays tracked."""
+    unet, dev1 = sd15.model, torch.device("fakegpu:1")
+    original = unet.load_device
+    earlier = unet.clone()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(on_gpu(unet, device=dev1))
+        first = on_gpu(earlier, device=dev1)
+        first.__enter__()
+        inner = earlier.clone()
+        second = on_gpu(inner, device=dev1)
+        second.__enter__()
+        made_in_second = inner.clone()
+        first.__exit__(None, None, None)
+        assert inner.load_device == made_in_second.load_device == dev1
+        second.__exit__(None, None, None)
+        assert unet.load_device == dev1
+    assert unet.load_device == earlier.load_device == inner.load_device == made_in_second.load_device == original
+    assert not clones._tracks
 
 
 def test_failed_unload_still_ends_on_cpu(
