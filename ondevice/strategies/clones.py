@@ -27,8 +27,11 @@ on ``comfy.model_patcher.ModelPatcher.clone`` (:func:`install`, undone by
 or attribute to any patcher: ComfyUI's ``clone_has_same_weights`` sees nothing.
 
 Thread semantics: a lock guards the tracks; ``load_device`` is set under it.  A
-clone made on another thread at the moment the last part lets go may keep the
-scope's device (ComfyUI copies ``load_device`` before the wrapper sees the clone).
+clone made on another thread while the last part lets go copied the scope's
+device before the wrapper saw it: the wrapper compares the parent's
+``load_device`` before and after ComfyUI's clone, and has the clone follow the
+parent where that changed and the parent is no longer pointed.  Clones made
+while the guard is removed (``remove_guard()`` with scopes live) are not seen.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def unpoint(patcher: Any) -> None:
         track.pointers -= 1
         if track.pointers:
             return
-        for key, other in list(_tracks.items()):
+        for key, other in tuple(_tracks.items()):  # a copy: a collected clone's callback may delete meanwhile
             made = other.ref()
             if made is None or other.pointers or not (other is track or other.born_within(track)):
                 continue
@@ -133,12 +136,26 @@ def _record(parent: Any, made: Any) -> None:
             _new_track(made, track.home, track)
 
 
+def _caught_up(parent: Any, made: Any, seen: Any) -> None:
+    """``made`` copied ``seen`` from ``parent``, whose ``load_device`` has changed since: where ``parent`` is no
+    longer pointed (its last part let go during the clone), ``made`` follows it there instead of keeping ``seen``."""
+    with _lock:
+        track = _track_of(made)
+        if track is None and made.load_device == seen and _track_of(parent) is None:
+            made.load_device = parent.load_device
+
+
 def _wrap(clone: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(clone)
     def clone_tracked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen = getattr(self, "load_device", None)
         made = clone(self, *args, **kwargs)
-        if _tracks and made is not self:  # the common case (no scope holds a patcher): one dictionary test
+        if made is self:
+            return made
+        if _tracks:  # the common case (no scope holds a patcher): one dictionary test
             _record(self, made)
+        if getattr(self, "load_device", None) != seen and getattr(made, "load_device", None) == seen:
+            _caught_up(self, made, seen)  # the parent's scope let go while ComfyUI cloned (another thread)
         return made
 
     clone_tracked.__ondevice_guard__ = True  # type: ignore[attr-defined]

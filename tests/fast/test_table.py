@@ -139,6 +139,21 @@ def test_nested_clone_with_other_patches_swaps_in_and_back() -> None:
     assert moves(w) == ["load base", "load lora", "load base", "offload"]
 
 
+def test_a_scope_on_base_and_clone_exits_without_swapping_the_base_back() -> None:
+    """Releasing a base and its clone together (one scope's exit) offloads the clone's patches at once: the base's
+    are not loaded back just to be offloaded; a live claim of another scope still gets them back."""
+    table, w = ResidencyTable(), Weights()
+    both = table.acquire([Stub(w, "base"), Stub(w, "lora")], GPU)
+    table.release(both)
+    assert moves(w) == ["load base", "load lora", "offload"] and table.held() == []
+    outer = table.acquire([Stub(w, "base")], GPU)
+    both = table.acquire([Stub(w, "base"), Stub(w, "lora")], GPU)
+    table.release(both)
+    assert (w.where, w.patches) == (GPU, "base")
+    table.release(outer)
+    assert moves(w)[3:] == ["load base", "load lora", "load base", "offload"]
+
+
 def test_other_device_while_held_is_a_conflict() -> None:
     """Weights held on one device and asked for on another: ResidencyConflictError, nothing more held."""
     table, w = ResidencyTable(), Weights()

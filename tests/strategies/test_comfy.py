@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +405,42 @@ def test_clone_load_devices_hold_whatever_order_scopes_exit_in(fake_gpu_two: Any
         assert unet.load_device == dev1
     assert unet.load_device == earlier.load_device == inner.load_device == made_in_second.load_device == original
     assert not clones._tracks
+
+
+def test_a_clone_made_while_the_last_scope_lets_go_follows_the_original(
+    fake_gpu_two: Any, sd15: ondevice.Checkpoint
+) -> None:
+    """A clone made on another thread while the scope exits (ComfyUI copied load_device before the scope let go, and
+    the wrapper sees the clone after): it names the original device, as the patcher does, not the scope's."""
+    unet, dev1 = sd15.model, torch.device("fakegpu:1")
+    if not hasattr(unet, "add_callback_with_key"):
+        pytest.skip("this ComfyUI has no ON_CLONE callbacks to hold a clone in the middle")
+    import comfy.patcher_extension  # noqa: PLC0415  (ComfyUI 0.3.x+)
+
+    original, cloning, exited = unet.load_device, threading.Event(), threading.Event()
+
+    def hold(parent: Any, made: Any) -> None:  # runs inside ComfyUI's clone, after load_device was copied
+        cloning.set()
+        exited.wait(10)
+
+    on_clone = comfy.patcher_extension.CallbacksMP.ON_CLONE
+    had = on_clone in unet.callbacks  # clone_has_same_weights compares the callback kinds: leave them as they were
+    unet.add_callback_with_key(on_clone, "ondevice-test", hold)
+    try:
+        made: list[Any] = []
+        scope = on_gpu(unet, device=dev1)
+        scope.__enter__()
+        worker = threading.Thread(target=lambda: made.append(unet.clone()))
+        worker.start()
+        assert cloning.wait(10)
+        scope.__exit__(None, None, None)
+        exited.set()
+        worker.join(10)
+    finally:
+        unet.remove_callbacks_with_key(on_clone, "ondevice-test")
+        if not had:
+            unet.callbacks.pop(on_clone, None)
+    assert unet.load_device == made[0].load_device == original and not clones._tracks
 
 
 def test_failed_unload_still_ends_on_cpu(
