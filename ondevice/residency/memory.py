@@ -18,8 +18,9 @@ compares it with the free memory less what loads in flight will still take:
 - else ``wait=False`` raises :class:`~ondevice.errors.OutOfDeviceMemory` (needed,
   free, and what is held there by whom), after letting moves that were in flight
   on that device end; ``wait=True`` queues: first come first served per device
-  (only the head of the queue evicts, and a later acquire goes first only where
-  it fits beside what every acquire ahead of it needs), re-checking after every
+  (only the head of the queue evicts, and one that evicted heads it from then on;
+  a later acquire goes first only where it fits beside what every acquire ahead
+  of it needs), re-checking after every
   release, move and eviction (and every :attr:`ResidencyTable.room_poll_s`, for
   memory freed outside ondevice), raising the same error when ``timeout`` passes;
 - ``partial=True`` (no budget) loads whole what fits after evicting, and the
@@ -183,6 +184,10 @@ class MemoryPolicy:
             log.info("ondevice: evicting %r from %s (%s) to make room", holding.part, holding.device, holder(holding))
         ask.reserved += freed
         self.pend(ask.device, freed)
+        if not ask.queued:  # the queue is empty: it heads it, so an acquire that comes meanwhile waits behind it
+            self.rooms.setdefault(ask.device, []).append(ask)  # (not ahead of it, for room its reservation holds)
+            ask.queued, ask.since = True, time.monotonic()
+            ask.needed = sum(entry.counted for entry in plan)
         return picked
 
     def _settling(self, ask: Ask) -> bool:

@@ -339,6 +339,26 @@ def test_waiters_are_served_first_come_first_served() -> None:
     rig.done()
 
 
+def test_an_acquire_that_evicted_goes_before_one_that_came_meanwhile() -> None:
+    """x evicts a kept holding; while that offload runs, y asks for room too and queues behind x, so x loads once
+    the offload ends and y once x lets go (y queued ahead of x, whose reservation it waited for: both timed out)."""
+    rig, gate = Rig(3 * UNIT), threading.Event()
+    kept, x, y = Mem("kept", 2 * UNIT), Mem("x", 2 * UNIT), Mem("y", 2 * UNIT)
+    part = rig.part(kept, gate_offload=gate)
+    rig.table.release(rig.table.acquire([part], GPU, keep=True))
+    first = Worker(lambda: rig.acquire(x, wait=True, timeout=3))
+    assert part.started.wait(10)  # the eviction's offload runs, held at the gate
+    second = Worker(lambda: rig.acquire(y, wait=True, timeout=20))
+    _until(_queued(rig.table, 2), "y queues behind x")
+    gate.set()
+    x_claims = first.done()
+    assert first.error is None and second.is_alive()
+    rig.table.release(x_claims)
+    rig.table.release(second.done())
+    assert moves(y) == ["load none", "offload"]
+    rig.done()
+
+
 def test_a_later_acquire_does_not_take_the_room_the_head_waits_for() -> None:
     """The head waits for two units with one free: a newcomer asking one unit with wait=False raises, not overtakes."""
     rig, a, b, big, small = Rig(3 * UNIT), Mem("a"), Mem("b"), Mem("big", 2 * UNIT), Mem("small")
