@@ -9,7 +9,7 @@ import torch
 from ondevice.errors import MissingWeightsError
 from ondevice.residency import table
 from ondevice.strategies import parts_of
-from ondevice.strategies.module import placement as tensor_placement
+from ondevice.strategies import placement as tensor_placement
 
 __all__ = ["device_of", "offload", "placement"]
 

@@ -26,8 +26,7 @@ from ondevice.devices import CPU
 from ondevice.errors import OnDeviceError
 from ondevice.events import MoveEvent
 from ondevice.residency.holdings import Holding, Ledger, State
-from ondevice.strategies import Part
-from ondevice.strategies.module import placement
+from ondevice.strategies import Part, placement
 
 __all__ = ["end_holding", "first_error", "restore", "restore_quietly", "run", "swap_back", "take_off", "verify"]
 

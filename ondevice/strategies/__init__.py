@@ -41,10 +41,24 @@ __all__ = [
     "as_part",
     "has_strategy",
     "parts_of",
+    "placement",
     "register_strategy",
     "registry",
     "strategy_for",
 ]
+
+
+def placement(tensors: Iterable[torch.Tensor]) -> dict[torch.device, int]:
+    """Bytes per device, counting each storage once (tied tensors once)."""
+    seen: set[tuple[torch.device, int]] = set()
+    out: dict[torch.device, int] = {}
+    for tensor in tensors:
+        ident = (tensor.device, tensor.data_ptr() or id(tensor))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[tensor.device] = out.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
+    return out
 
 
 class Part:
@@ -144,27 +158,14 @@ class Part:
 
         The residency table compares it with the device's free memory before a load.
         """
-        seen: set[tuple[torch.device, int]] = set()
-        total = 0
-        for tensor in self.tensors():
-            key = (tensor.device, tensor.data_ptr() or id(tensor))  # tied tensors once
-            if key not in seen:
-                seen.add(key)
-                total += tensor.numel() * tensor.element_size()
-        return total
+        return sum(placement(self.tensors()).values())
 
     def resident_nbytes(self, device: torch.device) -> int:
         """Bytes of the weights on ``device`` now (tied tensors once); after :meth:`load_partial`, what it left there.
 
         The residency table counts a partly loaded holding by it; default: from :meth:`tensors`.
         """
-        seen: set[int] = set()
-        total = 0
-        for tensor in self.tensors():
-            if tensor.device == device and (tensor.data_ptr() or id(tensor)) not in seen:
-                seen.add(tensor.data_ptr() or id(tensor))
-                total += tensor.numel() * tensor.element_size()
-        return total
+        return placement(self.tensors()).get(device, 0)
 
     def load_partial(self, device: torch.device, budget: int | None) -> None:
         """Put at most ``budget`` bytes of the weights on ``device`` (None: as much as fits), the rest streamed

@@ -73,7 +73,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ondevice.devices import CPU, memory_info
 from ondevice.pinning import Pinning, pin
-from ondevice.strategies import Part
+from ondevice.strategies import Part, placement
 
 __all__ = [
     "ModulePart",
@@ -82,7 +82,6 @@ __all__ = [
     "all_on",
     "join",
     "module_tensors",
-    "placement",
     "point_back",
     "stage",
 ]
@@ -102,19 +101,6 @@ def all_on(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
 def _is_on(here: torch.device, device: torch.device) -> bool:
     """Whether ``here`` is ``device`` (an index-less device matches any index)."""
     return here.type == device.type and (device.index is None or here.index == device.index)
-
-
-def placement(tensors: Iterable[torch.Tensor]) -> dict[torch.device, int]:
-    """Bytes per device, counting each storage once."""
-    seen: set[tuple[torch.device, int]] = set()
-    out: dict[torch.device, int] = {}
-    for tensor in tensors:
-        ident = (tensor.device, tensor.data_ptr() or id(tensor))
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out[tensor.device] = out.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
-    return out
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
