@@ -110,7 +110,7 @@ class MemoryPolicy:
         if memory is None:
             return True
         free, total = memory
-        if needed + self._own_resident(ask) > total and not ask.unbudgeted_partial:
+        if needed + sum(h.nbytes for h in self._own_holdings(ask)) > total and not ask.unbudgeted_partial:
             why = "more than the device's whole memory, beside what this scope holds there already"
             raise self._out_of_memory(ask, plan, needed, free, total, why=why)
         available = free - self.pending.get(ask.device, 0) + ask.reserved
@@ -136,16 +136,11 @@ class MemoryPolicy:
         self._wait_for_room(ask, plan, needed, free, total)
         return False
 
-    def _own_resident(self, ask: Ask) -> int:
-        """Bytes of this acquire's parts that are on its device already: they stay beside what it loads."""
-        seen: set[int] = set()
-        total = 0
-        for part in ask.parts:
-            holding = self.ledger.held.get(id(part.key))
-            if holding is not None and holding.device == ask.device and id(holding) not in seen:
-                seen.add(id(holding))
-                total += holding.nbytes
-        return total
+    def _own_holdings(self, ask: Ask) -> list[Holding]:
+        """The holdings of this acquire's parts on its device (each once): they stay beside what it loads."""
+        held = self.ledger.held
+        found = {id(h): h for part in ask.parts if (h := held.get(id(part.key))) is not None and h.device == ask.device}
+        return list(found.values())
 
     def _make_room(self, ask: Ask, plan: list[Planned], shortfall: int, free: int) -> int | list[Holding] | None:
         """For the head of the queue: the bytes to have free that the reclaimers are asked for (once), or the
@@ -290,19 +285,18 @@ class MemoryPolicy:
         if isinstance(wait, Wait):
             return all(conflict.owner in going for conflict in self.patches.conflicts(wait))
         held = self.ledger.held
-        if wait.device not in room:
+        if wait.device not in room:  # free, less what loads in flight take, plus what eviction could free
             memory = self.memory(wait.device)
-            room[wait.device] = (memory[0] if memory is not None else 0) - self.pending.get(wait.device, 0)
-        asked = {id(part.key) for part in wait.parts}  # its own kept parts stay: they are what it asks for
-        evicted = sum(
-            h.nbytes for h in held.values() if h.device == wait.device and evictable(h) and id(h.key) not in asked
-        )
+            free = memory[0] if memory is not None else 0
+            evicted = sum(h.nbytes for h in held.values() if h.device == wait.device and evictable(h))
+            room[wait.device] = free - self.pending.get(wait.device, 0) + evicted
+        own = sum(h.nbytes for h in self._own_holdings(wait) if evictable(h))  # its own kept parts stay
         releasable = sum(
             h.nbytes
             for h in held.values()
             if h.device == wait.device and h.claims and all(o in going and o != owner for o in h.owners)
         )
-        return wait.needed <= room[wait.device] + evicted + wait.reserved + releasable
+        return wait.needed <= room[wait.device] - own + wait.reserved + releasable
 
     def _out_of_memory(  # noqa: PLR0913  (the numbers the error states)
         self, ask: Ask, plan: list[Planned], needed: int, free: int, total: int | None, *, why: str
