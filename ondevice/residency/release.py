@@ -8,6 +8,7 @@ true originals, are undone only when the weights leave the device.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from ondevice.residency.holdings import Claim, Ledger, State
@@ -81,12 +82,4 @@ def _release_one(ledger: Ledger, claim: Claim, leaving: list[Part]) -> bool:
 
 def _all_leaving(left: list[Part], leaving: list[Part]) -> bool:
     """Whether every claim ``left`` on the weights is among those released next (each part counted once per claim)."""
-    pending = list(leaving)
-    for part in left:
-        for index, other in enumerate(pending):
-            if other is part:
-                del pending[index]
-                break
-        else:
-            return False
-    return True
+    return Counter(map(id, left)) <= Counter(map(id, leaving))

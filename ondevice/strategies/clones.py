@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,18 +57,16 @@ class _Track:
     pointers: int = 0  # parts pointing it now
     device: torch.device | None = None  # where they point it (one device at a time: the weights' holding)
 
+    def ancestors(self) -> Iterator[_Track]:
+        """The tracks up the chain it was born in, nearest first."""
+        born_in = self.born_in
+        while born_in is not None:
+            yield born_in
+            born_in = born_in.born_in
+
     def pointed_ancestor(self) -> _Track | None:
         """The nearest track up the chain it was born in that parts point now."""
-        born_in = self.born_in
-        while born_in is not None and not born_in.pointers:
-            born_in = born_in.born_in
-        return born_in
-
-    def born_within(self, other: _Track) -> bool:
-        born_in = self.born_in
-        while born_in is not None and born_in is not other:
-            born_in = born_in.born_in
-        return born_in is other
+        return next((track for track in self.ancestors() if track.pointers), None)
 
     def resting(self) -> Any:
         ancestor = self.pointed_ancestor()
@@ -118,7 +116,7 @@ def unpoint(patcher: Any) -> None:
             return
         for key, other in tuple(_tracks.items()):  # a copy: a collected clone's callback may delete meanwhile
             made = other.ref()
-            if made is None or other.pointers or not (other is track or other.born_within(track)):
+            if made is None or other.pointers or not (other is track or track in other.ancestors()):
                 continue
             if other is track or made.load_device == track.device:  # a clone set elsewhere meanwhile stays
                 made.load_device = other.resting()
