@@ -245,10 +245,7 @@ class PatcherPart(Part):
 
     def _patches_loaded(self) -> bool:
         """Whether ComfyUI's loaded entry of the weights has this patcher's patches (not another clone's)."""
-        return any(
-            entry.model is self.patcher or self.patcher.clone_has_same_weights(entry.model)
-            for entry in registered_entries(self.patcher.model)
-        )
+        return any(self._same_patches(entry.model) for entry in registered_entries(self.patcher.model))
 
     def _registered_on(self, device: torch.device) -> bool:
         return any(entry.device == device for entry in registered_entries(self.patcher.model))
@@ -256,9 +253,11 @@ class PatcherPart(Part):
     def same_weights(self, other: object) -> bool:
         """Whether ``other`` (a part over the same nn.Module) applies the same patches."""
         patcher = getattr(other, "patcher", None)
-        if patcher is None or patcher is self.patcher:
-            return True
-        return bool(self.patcher.clone_has_same_weights(patcher))
+        return patcher is None or self._same_patches(patcher)
+
+    def _same_patches(self, patcher: Any) -> bool:
+        """Whether ``patcher`` (over the same nn.Module) is this part's, or a clone ComfyUI says has its weights."""
+        return patcher is self.patcher or bool(self.patcher.clone_has_same_weights(patcher))
 
     def load(self, device: torch.device) -> None:
         self._load(device, wait=True)
