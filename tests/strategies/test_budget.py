@@ -227,17 +227,22 @@ def test_unet_budget_inside_a_scope_holding_its_vae(
     assert fake_gpu.memory_allocated() == 0
 
 
+@pytest.fixture
+def lora(fake_gpu: FakeGPU, sd15: ondevice.Checkpoint) -> tuple[Any, torch.Tensor]:
+    """A LoRA clone of the SD1.5 mini UNet, and its step after ComfyUI's own full load on the fake GPU."""
+    clone = lora_clone(sd15.model)
+    device = fake_gpu.device
+    return clone, comfyui_alone(clone, device, lambda: unet_forward(clone, device), force_full_load=True)
+
+
 def test_a_lora_clone_inside_a_budget_scope_stays_within_the_budget(
-    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, unet_expected: torch.Tensor
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, unet_expected: torch.Tensor, lora: tuple[Any, torch.Tensor]
 ) -> None:
     """on_gpu(unet, budget=B), then on_gpu(lora clone) inside it: the clone's patches go on within B as well (ComfyUI's
     low-VRAM load with the LoRA), its step equals ComfyUI's own full load of the clone; at the inner exit the base
     weights are back, still within B; everything released after (the swap loaded the whole model before)."""
-    unet = sd15.model
-    clone = lora_clone(unet)
+    unet, (clone, with_lora) = sd15.model, lora
     budget = unet.model_size() // 3
-    device = fake_gpu.device
-    with_lora = comfyui_alone(clone, device, lambda: unet_forward(clone, device), force_full_load=True)
     fake_gpu.reset_peak_memory_stats()
     with on_gpu(unet, budget=budget) as scope:
         with on_gpu(clone):
@@ -250,15 +255,12 @@ def test_a_lora_clone_inside_a_budget_scope_stays_within_the_budget(
 
 
 def test_a_lora_clone_in_the_same_budget_scope_as_its_base_loads_within_it(
-    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint
+    fake_gpu: FakeGPU, sd15: ondevice.Checkpoint, lora: tuple[Any, torch.Tensor]
 ) -> None:
     """on_gpu(unet, clone, budget=B): the clone's patches go on within B too, and its step equals ComfyUI's own full
     load of the clone (the table-level case for partial=True, where ComfyUI picks the amount, is in tests/fast)."""
-    unet = sd15.model
-    clone = lora_clone(unet)
+    unet, (clone, with_lora) = sd15.model, lora
     budget = unet.model_size() // 3
-    device = fake_gpu.device
-    with_lora = comfyui_alone(clone, device, lambda: unet_forward(clone, device), force_full_load=True)
     fake_gpu.reset_peak_memory_stats()
     with on_gpu(unet, clone, budget=budget) as scope:
         assert_partially_loaded(clone, scope.device, budget)
