@@ -342,20 +342,28 @@ def test_waiters_are_served_first_come_first_served() -> None:
 def test_an_acquire_that_evicted_goes_before_one_that_came_meanwhile() -> None:
     """x evicts a kept holding; while that offload runs, y asks for room too and queues behind x, so x loads once
     the offload ends and y once x lets go (y queued ahead of x, whose reservation it waited for: both timed out)."""
-    rig, gate = Rig(3 * UNIT), threading.Event()
+    rig, gate, loaded, let_go = Rig(3 * UNIT), threading.Event(), threading.Event(), threading.Event()
     kept, x, y = Mem("kept", 2 * UNIT), Mem("x", 2 * UNIT), Mem("y", 2 * UNIT)
     part = rig.part(kept, gate_offload=gate)
     rig.table.release(rig.table.acquire([part], GPU, keep=True))
-    first = Worker(lambda: rig.acquire(x, wait=True, timeout=3))
+
+    def scope_x() -> None:  # x's thread holds its claims until told to let go, as a scope does
+        claims = rig.acquire(x, wait=True, timeout=3)
+        loaded.set()
+        let_go.wait(20)
+        rig.table.release(claims)
+
+    first = Worker(scope_x)
     assert part.started.wait(10)  # the eviction's offload runs, held at the gate
     second = Worker(lambda: rig.acquire(y, wait=True, timeout=20))
     _until(_queued(rig.table, 2), "y queues behind x")
     gate.set()
-    x_claims = first.done()
-    assert first.error is None and second.is_alive()
-    rig.table.release(x_claims)
+    assert loaded.wait(10) and first.error is None
+    assert second.is_alive() and y.where == CPU  # y waits for x's room
+    let_go.set()
+    first.done()
     rig.table.release(second.done())
-    assert moves(y) == ["load none", "offload"]
+    assert first.error is None and moves(y) == ["load none", "offload"]
     rig.done()
 
 
