@@ -116,6 +116,7 @@ def test_async_tasks_wait_for_room_without_blocking_the_loop(small_gpu: FakeGPU)
     async def waiter() -> None:
         while "held" not in seen:
             await asyncio.sleep(0.001)
+        seen["wait_from"] = ticks
         async with on_gpu(c, wait=True, timeout=30):
             seen["entered_at"] = ticks
             seen["held_then"] = [h.key for h in table.held() if h.key is a or h.key is b]
@@ -140,7 +141,7 @@ def test_async_tasks_wait_for_room_without_blocking_the_loop(small_gpu: FakeGPU)
         await tick
 
     asyncio.run(main())
-    assert seen["left_at"] >= 20  # the loop kept running while the waiter waited for room
+    assert seen["left_at"] - seen["wait_from"] >= 2  # the loop kept running while the waiter waited for room
     # it entered once the holder's block had ended and its claims were gone (the holder's own `async with` may
     # return to the loop a tick after the waiter's, once the release has made room)
     assert seen["entered_at"] >= seen["left_at"] and seen["held_then"] == []
@@ -156,8 +157,7 @@ def test_a_cancelled_async_wait_holds_nothing(small_gpu: FakeGPU) -> None:
     async def main() -> None:
         async with on_gpu(a, b):
             task = asyncio.create_task(_enter_and_stay(c))
-            await asyncio.sleep(0.05)
-            assert table.waiting()
+            await _until_waiting(task)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -165,6 +165,15 @@ def test_a_cancelled_async_wait_holds_nothing(small_gpu: FakeGPU) -> None:
 
     asyncio.run(main())
     assert where(c) == {CPU} and table.held() == [] and small_gpu.memory_allocated() == 0
+
+
+async def _until_waiting(task: asyncio.Task[Any] | None = None) -> None:
+    """Let the loop run until the table lists a wait (on its own thread), failing if ``task`` ends first."""
+    deadline = time.monotonic() + 30
+    while not table.waiting():
+        assert task is None or not task.done(), task
+        assert time.monotonic() < deadline, "the task never waited for room"
+        await asyncio.sleep(0.005)
 
 
 async def _enter_and_stay(component: Any) -> None:
@@ -182,14 +191,17 @@ def test_a_decorated_coroutine_waits_for_room_on_a_thread(small_gpu: FakeGPU) ->
         order.append("c")
         return where(c)
 
+    held = asyncio.Event()
+
     async def hold() -> None:
         async with on_gpu(a, b):
-            await asyncio.sleep(0.1)
+            held.set()
+            await _until_waiting()  # the loop runs this while use_c waits for room on its thread
             order.append("ab")
 
     async def main() -> set[torch.device]:
         holder = asyncio.create_task(hold())
-        await asyncio.sleep(0.02)
+        await held.wait()
         result = await use_c()
         await holder
         return result

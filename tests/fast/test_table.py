@@ -177,7 +177,7 @@ def test_other_thread_with_other_patches_waits_for_the_holder() -> None:
 
     thread = threading.Thread(target=lora)
     thread.start()
-    for _ in range(500):  # until the thread is waiting (bounded: 5 s)
+    for _ in range(3000):  # until the thread is waiting (bounded: 30 s)
         if table.waiting():
             break
         threading.Event().wait(0.01)
@@ -217,7 +217,7 @@ def test_scope_left_open_by_an_ended_thread_counts_as_nesting() -> None:
 
     second = threading.Thread(target=resume)
     second.start()
-    second.join(5)
+    second.join(30)
     blocker_done.set()
     blocker.join(5)
     assert not second.is_alive(), "waited for a thread that had ended"
