@@ -180,10 +180,14 @@ class MemoryPolicy:
         ask.reserved += freed
         self.pend(ask.device, freed)
         if not ask.queued:  # the queue is empty: it heads it, so an acquire that comes meanwhile waits behind it
-            self.rooms.setdefault(ask.device, []).append(ask)  # (not ahead of it, for room its reservation holds)
-            ask.queued, ask.since = True, time.monotonic()
+            self._enqueue(ask)  # (not ahead of it, for room its reservation holds)
             ask.needed = sum(entry.counted for entry in plan)
         return picked
+
+    def _enqueue(self, ask: Ask) -> None:
+        """Put ``ask`` last in its device's queue (first come first served), from now."""
+        self.rooms.setdefault(ask.device, []).append(ask)
+        ask.queued, ask.since = True, time.monotonic()
 
     def _settling(self, ask: Ask) -> bool:
         """Whether moves that were in flight on the device when ``ask`` first did not fit are still in flight."""
@@ -205,8 +209,7 @@ class MemoryPolicy:
     def _wait_for_room(self, ask: Ask, plan: list[Planned], needed: int, free: int, total: int) -> None:
         """Queue ``ask`` (first come first served), then wait once; raise if the wait could never end or timed out."""
         if not ask.queued:
-            self.rooms.setdefault(ask.device, []).append(ask)
-            ask.queued, ask.since = True, time.monotonic()
+            self._enqueue(ask)
             log.info("ondevice: %s waits for %s on %s", ask.owner.name, size_text(needed), ask.device)
             self.ledger.notify()  # waiters check again: the last to close a wait cycle sees it
         if self._room_endless(ask):
