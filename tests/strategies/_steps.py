@@ -1,9 +1,12 @@
-"""Fixed-input steps of the SD1.5 mini components, each result on the CPU: what tests compare across load paths."""
+"""Fixed-input steps of the SD1.5 mini components, each result on the CPU, and ComfyUI's own load to run them
+under: what tests compare across load paths."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import comfy.model_management as mm
 import torch
 
 
@@ -22,3 +25,15 @@ def vae_decode(vae: Any) -> torch.Tensor:
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         return vae.decode(latent).cpu()
+
+
+def comfyui_alone(patcher: Any, device: torch.device, work: Callable[[], torch.Tensor], **load: Any) -> torch.Tensor:
+    """``work()`` with ``patcher`` loaded by ComfyUI's own ``load_models_gpu(**load)`` on ``device``, no ondevice."""
+    saved = patcher.load_device
+    patcher.load_device = device
+    try:
+        mm.load_models_gpu([patcher], **load)
+        return work()
+    finally:
+        mm.unload_all_models()
+        patcher.load_device = saved

@@ -8,7 +8,7 @@ so the peak is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, fake_gpu, fakegpu
 from ondevice.testing.synthetic import cached_checkpoint
 from tests.strategies._lora import lora_clone
-from tests.strategies._steps import unet_forward
+from tests.strategies._steps import comfyui_alone, unet_forward
 from tests.strategies.test_dynamic import StandInVBAR, _load_dynamic, aimdo, resident_bytes  # noqa: F401  (fixture)
 from tests.testing.test_synthetic_flux import _loader, _sample
 
@@ -100,18 +100,6 @@ def assert_released(patcher: Any, gpu: FakeGPU, baseline: int = 0) -> None:
     assert not getattr(patcher, "pinned", set())
     assert not PatcherPart(patcher).is_on(gpu.device)
     assert gpu.memory_allocated() == baseline
-
-
-def comfyui_alone(patcher: Any, device: torch.device, work: Callable[[], torch.Tensor], **load: Any) -> torch.Tensor:
-    """``work()`` with ``patcher`` loaded by ComfyUI's own ``load_models_gpu(**load)`` on ``device``, no ondevice."""
-    saved = patcher.load_device
-    patcher.load_device = device
-    try:
-        mm.load_models_gpu([patcher], **load)
-        return work()
-    finally:
-        mm.unload_all_models()
-        patcher.load_device = saved
 
 
 @pytest.fixture(scope="module")

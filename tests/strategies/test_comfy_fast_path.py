@@ -22,7 +22,7 @@ from ondevice import pinning as ondevice_pinning
 from ondevice.strategies.comfy import PatcherPart, registered_entries
 from ondevice.testing import FakeGPU, capture_moves, fake_gpu
 from tests.strategies._lora import lora_clone
-from tests.strategies._steps import unet_forward, vae_decode
+from tests.strategies._steps import comfyui_alone, unet_forward, vae_decode
 
 CPU = torch.device("cpu")
 
@@ -58,25 +58,15 @@ class Originals:
         assert changed == []
 
 
-def comfyui_alone(patcher: Any, gpu: FakeGPU, work: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``work()`` with ``patcher`` loaded by ComfyUI's own load_models_gpu on ``gpu`` (no ondevice scope)."""
-    saved = patcher.load_device
-    patcher.load_device = gpu.device
-    try:
-        mm.load_models_gpu([patcher], force_full_load=True)
-        return work()
-    finally:
-        mm.unload_all_models()
-        patcher.load_device = saved
-
-
 _expected: dict[str, torch.Tensor] = {}
 
 
 def expected_forward(name: str, patcher: Any, gpu: FakeGPU) -> torch.Tensor:
     """ComfyUI's own UNet output for ``patcher`` (computed once per module and name)."""
     if name not in _expected:
-        _expected[name] = comfyui_alone(patcher, gpu, lambda: unet_forward(patcher, gpu.device))
+        _expected[name] = comfyui_alone(
+            patcher, gpu.device, lambda: unet_forward(patcher, gpu.device), force_full_load=True
+        )
     return _expected[name]
 
 
@@ -397,7 +387,8 @@ def test_pins_do_not_pile_up_when_comfyui_reloads_between_scopes(
         pass
     pinned = ondevice_pinning.pinned_bytes()
     for _ in range(2):
-        comfyui_alone(model, fake_gpu, lambda: torch.empty(0))  # a sampler node outside any scope
+        # a sampler node outside any scope
+        comfyui_alone(model, fake_gpu.device, lambda: torch.empty(0), force_full_load=True)
         with on_gpu(model):
             pass
     assert ondevice_pinning.pinned_bytes() == pinned
